@@ -1,0 +1,1 @@
+"""Diffusers-format folders in and out (safetensors only; pickle formats are refused)."""

@@ -1,0 +1,1 @@
+"""Flax NNX models following diffusers / transformers block structure and parameter names."""

@@ -1,0 +1,247 @@
+"""Basic Flax NNX layers shared by the UNet, the CLIP text encoder and the VAE.
+
+Conventions (the io tables rely on them):
+- Parameter names: ``kernel`` (Linear: [in, out]; Conv: [kh, kw, in, out]), ``bias``,
+  ``scale`` (norm weight), ``embedding`` ([vocab, dim]). Attribute names of modules follow
+  diffusers / transformers, so a parameter path joined by "." is the PyTorch key up to the
+  leaf rename (kernel/scale/embedding -> weight) and the kernel transpose.
+- Every ``nnx.Param`` carries ``logical_axes`` metadata (one name or None per dimension).
+  Model code names logical axes only; ``jaxforget.sharding`` maps them to mesh axes.
+- Images and feature maps are NHWC. ``dtype`` is the compute dtype (None = input dtype);
+  parameters are stored in ``param_dtype`` (fp32 by default). Norm statistics, softmax and
+  attention probabilities are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _uniform_fan_in(key: jax.Array, shape: Sequence[int], fan_in: int, dtype) -> jax.Array:
+    # PyTorch's default Linear/Conv init (kaiming-uniform with a=sqrt(5)) ~ U(-1/sqrt(fan_in), ..)
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def cast(x: jax.Array, dtype) -> jax.Array:
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        axes: Axes = ("embed", "mlp"),
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        key = rngs.params()
+        self.kernel = nnx.Param(
+            _uniform_fan_in(key, (in_features, out_features), in_features, param_dtype),
+            logical_axes=tuple(axes),
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+            if use_bias
+            else None
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = jnp.dot(cast(x, dtype), cast(self.kernel[...], dtype))
+        if self.bias is not None:
+            y = y + cast(self.bias[...], dtype)
+        return y
+
+
+class Conv2d(nnx.Module):
+    """NHWC convolution with explicit (symmetric or asymmetric) padding like torch.nn.Conv2d."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        padding: int | Sequence[tuple[int, int]] | None = None,
+        use_bias: bool = True,
+        axes: Axes = (None, None, "conv_in", "conv_out"),
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        fan_in = in_channels * kernel_size * kernel_size
+        self.kernel = nnx.Param(
+            _uniform_fan_in(
+                rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), fan_in, param_dtype
+            ),
+            logical_axes=tuple(axes),
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_channels,), param_dtype), logical_axes=(axes[3],))
+            if use_bias
+            else None
+        )
+        if padding is None:
+            padding = kernel_size // 2
+        if isinstance(padding, int):
+            padding = ((padding, padding), (padding, padding))
+        self.padding = tuple(tuple(p) for p in padding)
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = jax.lax.conv_general_dilated(
+            cast(x, dtype),
+            cast(self.kernel[...], dtype),
+            window_strides=(self.stride, self.stride),
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.bias is not None:
+            y = y + cast(self.bias[...], dtype)
+        return y
+
+
+class GroupNorm(nnx.Module):
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        *,
+        eps: float = 1e-5,
+        axes: Axes = ("norm",),
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype), logical_axes=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype), logical_axes=tuple(axes))
+        self.num_groups = num_groups
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # x: [..., C] with arbitrary middle dims (NHWC or N,L,C); stats over all but batch/groups.
+        dtype = x.dtype
+        b, c = x.shape[0], x.shape[-1]
+        g = self.num_groups
+        xf = x.astype(jnp.float32).reshape(b, -1, g, c // g)
+        mean = xf.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+        xf = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        axes: Axes = ("norm",),
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if elementwise_affine:
+            self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=tuple(axes))
+            self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=tuple(axes))
+        else:
+            self.scale = None
+            self.bias = None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(
+        self,
+        num_embeddings: int,
+        dim: int,
+        *,
+        axes: Axes = ("vocab", "embed"),
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.embedding = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (num_embeddings, dim), param_dtype),
+            logical_axes=tuple(axes),
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    num_heads: int,
+    *,
+    mask: jax.Array | None = None,
+    probe_tokens: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Multi-head scaled dot-product attention with an fp32 softmax.
+
+    q: [B, Lq, H*D], k/v: [B, Lk, H*D]. mask: additive, broadcastable to [B, H, Lq, Lk].
+    probe_tokens: int [B, K] key positions whose probabilities are returned as
+    [B, H, Lq, K] fp32 (the cross-attention maps the unlearning losses read). Returns
+    (output [B, Lq, H*D] in q's dtype, probes or None).
+    """
+    b, lq, inner = q.shape
+    lk = k.shape[1]
+    d = inner // num_heads
+    qh = q.reshape(b, lq, num_heads, d)
+    kh = k.reshape(b, lk, num_heads, d)
+    vh = v.reshape(b, lk, num_heads, d)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    if mask is not None:
+        scores = scores + mask
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), vh).reshape(b, lq, inner)
+    probes = None
+    if probe_tokens is not None:
+        idx = probe_tokens[:, None, None, :]  # [B,1,1,K]
+        probes = jnp.take_along_axis(probs, jnp.broadcast_to(idx, (b, num_heads, lq, idx.shape[-1])), axis=-1)
+    return out, probes
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation function {name!r}") from None
