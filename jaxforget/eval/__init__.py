@@ -1,0 +1,1 @@
+"""Evaluation: judges, metrics, image grids, plots and reports."""
