@@ -232,6 +232,7 @@ def save_tensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: dict |
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are ordinary package data
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
