@@ -21,13 +21,16 @@ from jaxforget.errors import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (None = replicated). FSDP shards the "input" side of weights,
-# tensor parallelism the heads / MLP / output-channel side.
+# tensor parallelism the heads / MLP side. Convolutions are FSDP-only: with conv output channels
+# on "tensor" and the batch on data x fsdp, XLA's CPU SPMD partitioner returned wrong values for
+# some batch shards (tests/test_sharding.py caught it; see NOTES.md), and tensor-parallel convs
+# buy little for SD-class UNets, whose FLOPs sit in attention and 3x3 convs of modest width.
 DEFAULT_RULES: dict[str, str | None] = {
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
     "conv_in": "fsdp",
-    "conv_out": "tensor",
+    "conv_out": None,
     "vocab": None,
     "positions": None,
     "norm": None,

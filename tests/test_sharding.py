@@ -103,9 +103,10 @@ def test_parameters_are_sharded_by_the_rules(setup):
     assert q.get_metadata()["logical_axes"] == ("embed", "heads")
     assert q[...].sharding.spec == P("fsdp", "tensor")
     assert q[...].addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2)
-    # a conv kernel: (None, None, conv_in, conv_out) -> (None, None, fsdp, tensor)
+    # a conv kernel: (None, None, conv_in, conv_out) -> (None, None, fsdp): convs are FSDP-only
     conv = sharded.down_blocks[0].resnets[0].conv1.kernel
-    assert conv[...].sharding.spec == P(None, None, "fsdp", "tensor")
+    assert conv[...].sharding.spec == P(None, None, "fsdp")
+    assert conv[...].addressable_shards[0].data.shape == conv.shape[:2] + (conv.shape[2] // 2, conv.shape[3])
     # every parameter's sharding is exactly what the rules give for its logical axes
     specs = param_shardings(sharded, mesh)
     n_sharded = 0
@@ -113,7 +114,7 @@ def test_parameters_are_sharded_by_the_rules(setup):
         assert var[...].sharding.is_equivalent_to(sh, var.ndim), path
         n_sharded += any(s is not None for s in sh.spec)
     assert n_sharded > 10
-    # conv_out has 4 output channels: divisible by tensor=2, so it is sharded; a 3-dim would not be
+    # a dimension the mesh axis does not divide stays replicated
     assert logical_to_spec(("embed",), (3,), mesh) == P()
 
 
