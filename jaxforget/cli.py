@@ -87,9 +87,86 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- unlearn
+def add_unlearn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concepts", required=True, help="requests file (.txt, one per line, or .yaml)")
+    p.add_argument("--config", default=None, help="run config YAML (default: configs/toyworld/dfr.yaml values)")
+    p.add_argument("--run-dir", default=None, help="run directory (overrides run_dir)")
+    p.add_argument("--model", default=None, help="diffusers folder (default: the shipped toy-world model)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. steps=100 dfr.lambda_p=5")
+
+
+def load_run_config(config: str | None, overrides: Sequence[str], run_dir: str | None = None,
+                    model: str | None = None):
+    from jaxforget.config import load_config
+    from jaxforget.engine import RunConfig
+
+    extra = list(overrides)
+    if run_dir:
+        extra.append(f"run_dir={run_dir}")
+    if model:
+        extra.append(f"model={model}")
+    for item in extra:
+        if "=" not in item:
+            raise JaxforgetError(f"command line: expected key=value, got {item!r}")
+    return load_config(RunConfig, config, extra)
+
+
+def _check_requests_file(path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise JaxforgetError(f"{path}: requests file not found")
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from jaxforget.engine import ContinualRun
+    from jaxforget.eval.hook import make_evaluator
+
+    _check_requests_file(args.concepts)
+    cfg = load_run_config(args.config, args.overrides, args.run_dir, args.model)
+    run = ContinualRun(cfg, evaluator=make_evaluator(cfg))
+    summaries = run.run(args.concepts)
+    print(f"done: {len(summaries)} request(s) applied; run directory {cfg.run_dir}")
+    return 0
+
+
+def add_rollback_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--to", type=int, required=True, help="snapshot id to continue from (0 = base model)")
+    p.add_argument("--delete-later", action="store_true", help="delete snapshots after it (default: keep)")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from jaxforget.checkpoints import RunStore
+
+    store = RunStore.open(Path(args.run_dir), create=False)
+    store.rollback(args.to, delete_later=args.delete_later)
+    chain = [e["request"]["target"] for e in store.ledger()]
+    print(f"head is now snapshot {args.to}; applied requests: {', '.join(chain) or '(none)'}")
+    return 0
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--step", type=int, required=True, help="snapshot id to export")
+    p.add_argument("--out", required=True, help="new diffusers folder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxforget.engine import export_snapshot
+
+    out = export_snapshot(Path(args.run_dir), args.step, Path(args.out), dtype=args.dtype)
+    print(f"exported snapshot {args.step} to {out}")
+    return 0
+
+
 COMMANDS = {
     "generate": (add_generate_args, cmd_generate, "generate a PNG grid of images for prompts"),
     "pretrain-toyworld": (add_pretrain_args, cmd_pretrain, "pre-train the embedded toy-world model"),
+    "unlearn": (add_unlearn_args, cmd_unlearn, "apply deletion requests one after another (resumable)"),
+    "rollback": (add_rollback_args, cmd_rollback, "continue a run from an earlier snapshot"),
+    "export": (add_export_args, cmd_export, "export a snapshot to a diffusers folder"),
 }
 
 

@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
 """Pre-train the toy-world model: python launch/pretrain_toyworld.py [--config configs/toyworld/pretrain.yaml] [key=value ...]"""
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # run from a clone without installing
 import sys
 
 from jaxforget.cli import main

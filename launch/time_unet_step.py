@@ -3,6 +3,10 @@
 
     python launch/time_unet_step.py --batch 64 --channels 32,64,64
 """
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # run from a clone without installing
 import argparse
 import time
 

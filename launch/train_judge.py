@@ -5,6 +5,10 @@ Deterministic for a given seed (scenes, init and augmentation all derive from it
 loss as it goes and the per-head accuracy on freshly rendered scenes with held-out seeds.
 """
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # run from a clone without installing
 from __future__ import annotations
 
 import argparse

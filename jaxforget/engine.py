@@ -1,0 +1,779 @@
+"""The continual-unlearning loop: requests arrive one after another, each applied to the model
+left by the previous one.
+
+For each pending request: build its prompts (forget / mapped / retain / prior), let the teacher
+generate the replay, anchor and prior latents with the jitted sampler (cached per request as a
+Hugging Face ``datasets`` folder), run the method's jitted, sharded train step (params and
+optimizer state donated; step checkpoints so a crash loses at most ``checkpoint_every`` steps),
+write one Orbax snapshot, evaluate, and print a one-line summary. Everything is deterministic
+in (config seed, request index, step), so a killed run resumed with the same command ends with
+bit-identical parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxforget import pipeline as PL
+from jaxforget import sharding as SH
+from jaxforget.config import to_dict
+from jaxforget.errors import ConfigError, JaxforgetError, RequestError
+from jaxforget.methods import base as MB
+from jaxforget.methods import build_method, method_config_types
+from jaxforget.methods import regularizers as REG
+from jaxforget.methods import trainable as TR
+from jaxforget.requests import Request, parse_requests, validate_requests
+from jaxforget.tokenizers import token_span_positions
+
+# the method sections of the run config, one per method module (filled in below)
+_METHOD_CONFIGS = method_config_types()
+
+
+class TrainingError(JaxforgetError):
+    """A request's training diverged (NaN / inf loss): the request stops, snapshots are kept."""
+
+
+# ============================================================================ config
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping (DFR's reference: lr 1e-5, betas 0.9/0.999, wd 1e-2, clip 1)."""
+
+    lr: float = 1e-5
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    warmup: int = 0  # linear warm-up steps (kept shorter than the run: see methods.md pitfalls)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a request's prompt and image sets are built."""
+
+    templates: tuple[str, ...] = ("a photo of {}", "{}")  # used when a request has none
+    domain_templates: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per request domain
+    retain_pool: tuple[str, ...] = ()  # generic retain prompts (besides the related concepts)
+    anchor_candidates: tuple[str, ...] = ()  # automatic anchor: candidates (empty: anchor "")
+    catalogue: str = ""  # "toyworld": fill domain / related / retain pool from the toy-world catalogue
+    forget_images: int = 32  # teacher images of forget (and mapped) prompts per request
+    retain_images: int = 64  # replay images of retain prompts
+    prior_images: int = 32  # base-model images of related concepts (DUGE prior)
+    sampler: str = "ddim"
+    num_inference_steps: int = 30
+    guidance_scale: float = 1.0  # DFR's reference generation uses no guidance
+    gen_batch_size: int = 64
+    eot: str = "none"  # none | first_eot | all_padding: end-of-text positions in attention losses
+    max_positions: int = 8  # K: probed key positions per prompt (padded, masked)
+    user_data: str = ""  # a local datasets folder / .array_record with prompt[, set, image] columns
+
+
+@dataclass(frozen=True)
+class EvalHook:
+    """Evaluation inside the run (jaxforget.eval): after every ``every``-th request, and the base
+    model (k = 0) once. Results are cached per snapshot, so re-running costs nothing."""
+
+    every: int = 1  # 0: off
+    judge: str = "toyworld"  # toyworld | toyworld:<folder> | clip:<folder>
+    images_per_prompt: int = 4
+    prompts_per_concept: int = 0  # 0 = all evaluation prompts of every concept
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.0
+    sampler: str = "ddim"
+    seed: int = 1234
+    batch_size: int = 64
+    fid_reference_images: int = 256
+
+
+def _method_fields() -> dict[str, Any]:
+    return {name: field(default_factory=cls) for name, cls in _METHOD_CONFIGS.items()}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One continual-unlearning run (configs/*.yaml; every key overridable as key=value)."""
+
+    model: str = ""  # diffusers folder ("" = the shipped toy-world model)
+    run_dir: str = "runs/unlearn"
+    seed: int = 0
+    method: str = "dfr"
+    steps: int = 200  # train steps per request
+    batch_size: int = 8  # per set (forget / retain / ... each contribute this many examples)
+    checkpoint_every: int = 25
+    compute_dtype: str = "float32"  # float32 | bfloat16 (params and losses stay fp32)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainable: TR.Config = field(default_factory=TR.Config)
+    regularizer: REG.Config = field(default_factory=REG.Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalHook = field(default_factory=EvalHook)
+    dfr: _METHOD_CONFIGS["dfr"] = field(default_factory=_METHOD_CONFIGS["dfr"])  # type: ignore[valid-type]
+    duge: _METHOD_CONFIGS["duge"] = field(default_factory=_METHOD_CONFIGS["duge"])  # type: ignore[valid-type]
+    esd: _METHOD_CONFIGS["esd"] = field(default_factory=_METHOD_CONFIGS["esd"])  # type: ignore[valid-type]
+    fmn: _METHOD_CONFIGS["fmn"] = field(default_factory=_METHOD_CONFIGS["fmn"])  # type: ignore[valid-type]
+    ca: _METHOD_CONFIGS["ca"] = field(default_factory=_METHOD_CONFIGS["ca"])  # type: ignore[valid-type]
+    finetune: _METHOD_CONFIGS["finetune"] = field(default_factory=_METHOD_CONFIGS["finetune"])  # type: ignore[valid-type]
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHOD_CONFIGS:
+            raise ConfigError(f"method: unknown method {self.method!r} (one of {', '.join(_METHOD_CONFIGS)})")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be >= 1")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.data.eot not in ("none", "first_eot", "all_padding"):
+            raise ConfigError(f"data.eot must be none, first_eot or all_padding, got {self.data.eot!r}")
+
+    @property
+    def method_config(self) -> Any:
+        return getattr(self, self.method)
+
+
+# ============================================================================ prompts
+@dataclass
+class RequestPrompts:
+    target: str
+    anchor: str
+    domain: str
+    forget: list[str]  # p_f
+    mapped: list[str]  # p_m, aligned with p_f
+    retain: list[str]  # p_r: related concepts + generic pool (never mentioning a removed target)
+    prior: list[str]  # related concepts only (DUGE prior set, generated by the base model)
+
+
+def _mentions(prompt: str, concepts: Sequence[str]) -> bool:
+    p = f" {prompt.lower()} "
+    return any(f" {c.lower()} " in p for c in concepts if c)
+
+
+def _toyworld_catalogue():
+    from jaxforget.toyworld.catalogue import load_catalogue
+
+    return load_catalogue()
+
+
+def complete_request(req: Request, cfg: DataConfig) -> Request:
+    """Fill a request's domain / related concepts from the catalogue when the config names one."""
+    if cfg.catalogue != "toyworld":
+        return req
+    cat = _toyworld_catalogue()
+    try:
+        concept = cat.concept(req.target)
+    except KeyError:
+        return req
+    return dataclasses.replace(
+        req,
+        domain=concept.domain if req.domain == "any" else req.domain,
+        related=req.related or tuple(concept.neighbours),
+    )
+
+
+def _templates(req: Request, cfg: DataConfig) -> tuple[str, ...]:
+    if req.templates:
+        return req.templates
+    return tuple(cfg.domain_templates.get(req.domain, ())) or cfg.templates
+
+
+def _retain_pool(cfg: DataConfig) -> list[str]:
+    pool = list(cfg.retain_pool)
+    if cfg.catalogue == "toyworld":  # grammar prompts from training seeds, not the eval prompts
+        from jaxforget.toyworld.catalogue import sample_examples
+
+        pool += [e.prompt for e in sample_examples(256, seed=4242, catalogue=_toyworld_catalogue())]
+    return list(dict.fromkeys(pool))
+
+
+def request_prompts(req: Request, cfg: DataConfig, removed: Sequence[str], anchor: str) -> RequestPrompts:
+    """Forget / mapped / retain / prior prompts of one request (continual rule: no retain or prior
+    prompt mentions the target or any earlier target, so replay cannot revive them)."""
+    templates = _templates(req, cfg)
+    forget = req.forget_prompts(templates)
+    mapped = req.mapped_prompts(templates, anchor)
+    banned = [req.target, *removed]
+    related = [t.replace("{}", r) for r in req.related for t in templates]
+    related = [p for p in related if not _mentions(p, banned)]
+    retain = list(dict.fromkeys(related + [p for p in _retain_pool(cfg) if not _mentions(p, banned)]))
+    if not retain:
+        retain = [" ".join(t.replace("{}", "").split()) or "" for t in templates]
+    prior = related or retain
+    return RequestPrompts(req.target, anchor, req.domain, forget, mapped, retain, prior)
+
+
+# ============================================================================ data
+def _cycle(items: Sequence[str], n: int) -> list[str]:
+    return [items[i % len(items)] for i in range(n)]
+
+
+def generate_latents(
+    model: PL.DiffusionModel,
+    unet: Any,
+    prompts: Sequence[str],
+    key: jax.Array,
+    cfg: DataConfig,
+) -> np.ndarray:
+    """Teacher latents z0 [N, h, w, C] for ``prompts`` (one per prompt), in fixed-size batches
+    through the one jitted sampler; example i's key is fold_in(key, i), so the result does not
+    depend on the batch size."""
+    spec = PL.make_spec(model, sampler=cfg.sampler, num_inference_steps=cfg.num_inference_steps,
+                        guidance_scale=cfg.guidance_scale, return_latents=True,
+                        zero_uncond=model.is_sdxl and model.force_zeros_for_empty_prompt)
+    nets = model.networks._replace(unet=unet)
+    uncond_ids = PL.tokenize_prompts(model, [""])
+    bs = max(1, min(cfg.gen_batch_size, len(prompts)))
+    out = []
+    for start in range(0, len(prompts), bs):
+        chunk = list(prompts[start:start + bs])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (bs - n)  # pad: one compiled shape
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + bs))
+        res = PL.generate_jit(nets, PL.tokenize_prompts(model, chunk), uncond_ids, keys,
+                              schedule=model.schedule, spec=spec)
+        out.append(np.asarray(res.latents[:n], np.float32))
+    return np.concatenate(out, axis=0)
+
+
+def save_dataset(path: Path, columns: Mapping[str, Any]) -> None:
+    """Write a Hugging Face datasets folder atomically (tmp folder + rename)."""
+    from datasets import Dataset
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_dict({k: list(v) if not isinstance(v, np.ndarray) else v for k, v in columns.items()}).save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_dataset_columns(path: Path) -> dict[str, np.ndarray | list]:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(path)).with_format("numpy")
+    return {c: ds[c] for c in ds.column_names}
+
+
+def load_user_data(path: str) -> dict[str, list]:
+    """A user-supplied prompt (and optionally image) set: a local ``datasets`` folder or a prepared
+    TFDS dataset folder in array_record format (``tfds`` extra; read without TensorFlow). Columns: ``prompt`` and
+    optional ``set`` (forget | retain | prior), ``image`` (uint8 [H, W, 3])."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"data.user_data: {path} does not exist")
+    if p.is_dir() and (p / "dataset_info.json").exists() and any(p.glob("*.array_record*")):
+        return _check_user_columns(path, _read_tfds(p))
+    if p.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(p))
+        except Exception as err:  # noqa: BLE001 - report the datasets library's complaint in one line
+            raise ConfigError(f"data.user_data: {path} is not a datasets folder ({str(err).splitlines()[0]})") from None
+        cols = {c: list(ds[c]) for c in ds.column_names}
+    else:
+        raise ConfigError(f"data.user_data: {path}: expected a datasets folder or a TFDS dataset folder")
+    return _check_user_columns(path, cols)
+
+
+def _read_tfds(path: Path) -> dict[str, list]:
+    """A prepared TFDS dataset folder (array_record file format), read as a random-access data
+    source — tensorflow-datasets decodes it with numpy, no TensorFlow needed."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ConfigError(f"data.user_data: {path} is a TFDS dataset; reading it needs the tfds extra "
+                          "(pip install 'jaxforget[tfds]')") from None
+    builder = tfds.builder_from_directory(str(path))
+    source = builder.as_data_source(split=next(iter(builder.info.splits)))
+    rows = [source[i] for i in range(len(source))]
+    def text(v: Any) -> Any:
+        return v.decode() if isinstance(v, bytes) else v
+    return {k: [text(r[k]) for r in rows] for k in (rows[0] if rows else {})}
+
+
+def _check_user_columns(path: str, cols: dict[str, list]) -> dict[str, list]:
+    if "prompt" not in cols:
+        raise ConfigError(f"data.user_data: {path} has no 'prompt' column (columns: {', '.join(cols)})")
+    return cols
+
+
+# ============================================================================ text
+def encode_texts(model: PL.DiffusionModel, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(context [N,S,D], pooled [N,P] or None) from the frozen text encoder(s)."""
+    ids = PL.tokenize_prompts(model, list(prompts))
+    emb = _encode_jit(model.networks, ids)
+    return np.asarray(emb.context, np.float32), (None if emb.text_embeds is None else np.asarray(emb.text_embeds, np.float32))
+
+
+@jax.jit
+def _encode_jit(nets: PL.Networks, ids: PL.PromptIds) -> PL.PromptEmbeds:
+    return PL.encode_prompt_ids(nets, ids)
+
+
+def token_positions(model: PL.DiffusionModel, prompts: Sequence[str], concept: str, eot: str,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] positions of ``concept``'s tokens in each prompt (padded with 0) and their mask."""
+    ids = np.asarray(PL.tokenize_prompts(model, list(prompts)).ids)
+    pos = np.zeros((len(prompts), k), np.int32)
+    mask = np.zeros((len(prompts), k), np.float32)
+    for i, row in enumerate(ids):
+        found = token_span_positions(model.tokenizer, row, concept, eot) if concept.strip() or eot != "none" else []
+        found = found[:k]
+        pos[i, :len(found)] = found
+        mask[i, :len(found)] = 1.0
+    return pos, mask
+
+
+# ============================================================================ pytrees on disk
+def flat_params(state: nnx.State) -> dict[str, np.ndarray]:
+    """{dotted.path: array} of an nnx.State (the snapshot layout: readable names, no pickles)."""
+    return {".".join(map(str, p)): v[...] if isinstance(v, nnx.Variable) else v
+            for p, v in nnx.to_flat_state(state)}
+
+
+def unflat_params(template: nnx.State, flat: Mapping[str, Any]) -> nnx.State:
+    """Inverse of ``flat_params`` against a template state (same paths)."""
+    leaves = []
+    for p, v in nnx.to_flat_state(template):
+        key = ".".join(map(str, p))
+        if key not in flat:
+            raise JaxforgetError(f"snapshot lacks parameter {key}")
+        leaves.append((p, v.replace(flat[key]) if isinstance(v, nnx.Variable) else flat[key]))
+    return nnx.from_flat_state(leaves)
+
+
+def flat_leaves(tree: Any) -> dict[str, Any]:
+    """Any pytree (optimizer state) as {index: leaf}; restored against the same structure."""
+    return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def unflat_leaves(template: Any, flat: Mapping[str, Any]) -> Any:
+    leaves, treedef = jax.tree.flatten(template)
+    return jax.tree.unflatten(treedef, [flat[f"{i:05d}"] for i in range(len(leaves))])
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+                                                        sharding=getattr(x, "sharding", None)), tree)
+
+
+# ============================================================================ the train step
+def make_optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation:
+    lr: Any = cfg.lr
+    if cfg.warmup > 0:
+        warm = min(cfg.warmup, max(steps - 1, 1))  # never longer than the run (DFR v1 pitfall)
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)], [warm])
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+def make_train_step(method: MB.Method, unet_fn: MB.UNetFn, reg_cfg: REG.Config,
+                    tx: optax.GradientTransformation, projection: bool) -> Callable:
+    """One jitted step: loss (method + regularizer), grads, optional gradient projection, AdamW.
+    Params and optimizer state are donated; returns (params, opt_state, metrics)."""
+
+    def total_loss(params, frozen, batch, rng):
+        loss, metrics = method.loss(params, frozen, batch, rng)
+        if reg_cfg.kind != "none" and reg_cfg.weight:
+            r, rm = REG.penalty(reg_cfg, unet_fn.student(params, frozen), frozen)
+            loss = loss + reg_cfg.weight * r
+            metrics = {**metrics, **{f"reg_{k}": v for k, v in rm.items()}, "reg": r}
+        return loss, metrics
+
+    def step(params, opt_state, frozen, batch, rng, proj):
+        (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(params, frozen, batch, rng)
+        if projection:
+            grads = REG.project_gradients(grads, proj)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ============================================================================ request data
+@dataclass
+class RequestData:
+    """Per-item arrays of a request's sets (host numpy), indexed by the batch sampler."""
+
+    arrays: dict[str, np.ndarray]
+    sizes: dict[str, int]  # set name -> number of items
+
+    def batch(self, rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        picks = {s: rng.integers(0, n, batch_size) for s, n in sorted(self.sizes.items())}
+        for key, arr in self.arrays.items():
+            owner = _SET_OF_KEY.get(key.split("_")[0], None)
+            if key == "uncond_ctx":
+                out[key] = np.broadcast_to(arr[:1], (batch_size,) + arr.shape[1:]).copy()
+            elif key == "time_ids":
+                out[key] = np.broadcast_to(arr[:1], (batch_size,) + arr.shape[1:]).copy()
+            else:
+                out[key] = arr[picks[owner]]
+        return out
+
+
+_SET_OF_KEY = {"forget": "forget", "mapped": "forget", "retain": "retain", "prior": "prior"}
+
+
+
+# ============================================================================ the run
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pending_requests(requests: list[Request], applied: Sequence[str]) -> tuple[int, list[Request]]:
+    """Requests still to run: the file's leading requests that match the ledger in order are done
+    (same command again = resume); every other request must not repeat an applied target."""
+    n = 0
+    while n < len(applied) and n < len(requests) and requests[n].target.lower() == applied[n].lower():
+        n += 1
+    return n, requests[n:]
+
+
+@dataclass
+class RequestSummary:
+    index: int
+    target: str
+    anchor: str
+    snapshot: int
+    seconds: float
+    data_seconds: float
+    final: dict[str, float]
+    eval: dict[str, Any] | None = None
+
+    def line(self) -> str:
+        loss = self.final.get("loss", float("nan"))
+        ev = ""
+        if self.eval:
+            ev = " " + " ".join(f"{k}={v:.3f}" for k, v in self.eval.items()
+                                if isinstance(v, (int, float)) and k in ("UA", "IRA", "CRA", "NRA", "fid_proxy"))
+        return (f"request {self.index + 1} '{self.target}' -> '{self.anchor}': snapshot {self.snapshot}, "
+                f"loss {loss:.4g}, {self.seconds:.0f}s (data {self.data_seconds:.0f}s){ev}")
+
+
+class ContinualRun:
+    """Runs a requests file against a run directory (create, resume, continue after rollback)."""
+
+    def __init__(self, cfg: RunConfig, *, log: Callable[[str], None] = print, evaluator: Any = None):
+        from jaxforget.checkpoints import RunStore
+        from jaxforget.io.diffusers_folder import folder_hash, load_model_folder
+
+        self.cfg = cfg
+        self.log = log
+        self.model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+        base_hash = folder_hash(self.model_dir)  # raises a clear error for a missing folder
+        self.run_dir = Path(cfg.run_dir)
+        # open (or create) the store first: a base-model mismatch must fail before anything is written
+        self.store = RunStore.open(self.run_dir, base_model=str(self.model_dir), base_hash=base_hash)
+        dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
+        self.folder = load_model_folder(self.model_dir, compute_dtype=dtype)
+        self.model = PL.DiffusionModel.from_folder(self.folder)
+        self.base_hash = base_hash
+        self.mesh = SH.make_mesh(dataclasses.asdict(cfg.mesh))
+        self.graphdef, base_state = nnx.split(self.model.unet)
+        self.param_sharding = SH.param_shardings(base_state, self.mesh)
+        self.base_state = jax.device_put(base_state, self.param_sharding)
+        self.evaluator = evaluator
+
+    # ------------------------------------------------------------------ state of the chain
+    def _load_head(self) -> tuple[nnx.State, Any]:
+        head = self.store.head
+        if head == 0:
+            return self.base_state, None
+        abstract = {"params": _abstract(flat_params(self.base_state))}
+        meta = self.store.metadata(head)
+        if meta.get("has_reg"):
+            abstract["reg"] = _abstract(flat_params(self.base_state))
+        tree, _ = self.store.load_snapshot(head, abstract)
+        state = jax.device_put(unflat_params(self.base_state, tree["params"]), self.param_sharding)
+        reg = unflat_params(self.base_state, tree["reg"]) if "reg" in tree and tree["reg"] else None
+        return state, reg
+
+    # ------------------------------------------------------------------ main entry
+    def run(self, requests_path: str | Path) -> list[RequestSummary]:
+        requests = parse_requests(requests_path)
+        requests = [complete_request(r, self.cfg.data) for r in requests]
+        applied = [e["request"]["target"] for e in self.store.ledger()]
+        done, pending = pending_requests(requests, applied)
+        validate_requests(pending, str(requests_path), tokenizer=self.model.tokenizer, removed=applied,
+                          default_templates=self.cfg.data.templates)
+        if not pending:
+            self.log(f"all {len(requests)} requests already applied (run {self.run_dir})")
+            return []
+        self.store.save_run_config(to_dict(self.cfg))
+        self.log(f"{len(pending)} request(s) to apply ({done} already in the ledger); method {self.cfg.method}, "
+                 f"mesh {dict(self.mesh.shape)}, run dir {self.run_dir}")
+        summaries = []
+        for offset, req in enumerate(pending):
+            summaries.append(self.apply(req, done + offset, list(applied)))
+            applied.append(req.target)
+            self.log(summaries[-1].line())
+        return summaries
+
+    # ------------------------------------------------------------------ one request
+    def apply(self, req: Request, index: int, removed: list[str]) -> RequestSummary:
+        cfg = self.cfg
+        t0 = time.time()
+        prev_state, reg_state = self._load_head()
+        parent = self.store.head
+        root = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), index)
+        unet_prev = nnx.merge(self.graphdef, prev_state)
+        anchor = self._anchor(req, unet_prev, root)
+        prompts = request_prompts(req, cfg.data, removed, anchor)
+
+        split = TR.split_trainable(prev_state, cfg.trainable, rng=jax.random.fold_in(root, 7))
+        unet_fn = MB.UNetFn(self.graphdef, split.materialize)
+        method = build_method(cfg.method, cfg.method_config, unet_fn, self.model.schedule)
+        data = self._request_data(req, index, parent, prompts, method.needs, unet_prev, root)
+        t_data = time.time() - t0
+
+        frozen = MB.Frozen(rest=split.rest, prev=prev_state, base=self.base_state, reg=reg_state)
+        tx = make_optimizer(cfg.optim, cfg.steps)
+        # a private copy: params are donated to the step, and the split shares buffers with prev
+        params = jax.tree.map(jnp.copy, split.params)
+        opt_state = tx.init(params)
+        proj = self._projection(prompts, removed) if cfg.regularizer.grad_projection else None
+        step_fn = make_train_step(method, unet_fn, cfg.regularizer, tx, proj is not None)
+
+        ckpt = self.store.step_checkpointer(index, every=cfg.checkpoint_every)
+        template = {"params": flat_leaves(params), "opt_state": flat_leaves(opt_state)}
+        restored = ckpt.restore(template)
+        start = 0
+        if restored is not None:
+            start, tree = restored
+            params = unflat_leaves(params, tree["params"])
+            opt_state = unflat_leaves(opt_state, tree["opt_state"])
+            self.log(f"request {index + 1} '{req.target}': resuming at step {start}/{cfg.steps}")
+
+        from jaxforget.progress import progress_bar
+
+        train_key = jax.random.fold_in(root, 2)
+        last: dict[str, float] = {}
+        bsh = {}
+        with progress_bar(total=cfg.steps, initial=start, desc=f"[{index + 1}] {req.target}") as bar:
+            for step in range(start, cfg.steps):
+                host = data.batch(np.random.default_rng([cfg.seed, index, step]), cfg.batch_size)
+                batch = {k: jax.device_put(v, bsh.setdefault(k, _batch_sharding(self.mesh, v))) for k, v in host.items()}
+                params, opt_state, metrics = step_fn(params, opt_state, frozen, batch,
+                                                     jax.random.fold_in(train_key, step), proj)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    msg = (f"request {index + 1} ({req.target!r}) diverged at step {step + 1}: loss is {loss}; "
+                           f"stopped, last good snapshot {parent} kept")
+                    self.store.record_failure(index, step + 1, msg)
+                    ckpt.close()
+                    raise TrainingError(msg)
+                bar.update(1)
+                if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
+                    last = {k: float(v) for k, v in metrics.items()}
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "grad_norm")})
+                ckpt.maybe_save(step + 1, {"params": flat_leaves(params), "opt_state": flat_leaves(opt_state)},
+                                force=step + 1 == cfg.steps)
+        ckpt.close()
+        if not last:
+            last = {"loss": float("nan")}
+
+        student = jax.jit(split.materialize)(params, split.rest)
+        new_reg = self._update_reg(student, reg_state, data, unet_fn, root)
+        metrics_eval = None
+        tree = {"params": flat_params(student), "opt_state": flat_leaves(opt_state)}
+        if new_reg is not None:
+            tree["reg"] = flat_params(new_reg)
+        meta = {
+            "request": dataclasses.asdict(req) | {"anchor": anchor},
+            "request_index": index,
+            "method": cfg.method,
+            "config": to_dict(cfg),
+            "metrics": last,
+            "base_hash": self.base_hash,
+            "params_hash": _state_hash(student),
+            "trainable": {"paths": len(split.trainable_paths), "count": int(split.count)},
+            "prompts": dataclasses.asdict(prompts),
+            "has_reg": new_reg is not None,
+            "seconds": time.time() - t0,
+        }
+        snap = self.store.save_snapshot(tree, meta)
+        if self.evaluator is not None and cfg.eval.every and (len(removed) + 1) % cfg.eval.every == 0:
+            metrics_eval = self.evaluator(self, snap, student, removed + [req.target], req)
+        return RequestSummary(index, req.target, anchor, snap, time.time() - t0, t_data, last, metrics_eval)
+
+    # ------------------------------------------------------------------ pieces
+    def _anchor(self, req: Request, unet_prev: Any, root: jax.Array) -> str:
+        if req.anchor is not None:
+            return req.anchor
+        cands = [c for c in self.cfg.data.anchor_candidates if c.lower() != req.target.lower()]
+        if not cands:
+            return ""
+        from jaxforget.methods.dfr import auto_anchor
+
+        templates = _templates(req, self.cfg.data)
+        forget = req.forget_prompts(templates)
+        f_ctx, f_pool = encode_texts(self.model, forget[:1])
+        cand_prompts = [req.mapped_prompts(templates, c)[0] for c in cands]
+        c_ctx, c_pool = encode_texts(self.model, cand_prompts)
+        z0 = generate_latents(self.model, unet_prev, forget[:1], jax.random.fold_in(root, 3), self.cfg.data)
+        graphdef, state = nnx.split(unet_prev)
+        fn = MB.UNetFn(graphdef, lambda p, r: r)
+        best, dist = auto_anchor(fn, state, self.model.schedule, {"ctx": f_ctx, "pooled": f_pool},
+                                 [{"ctx": c_ctx[i:i + 1], "pooled": None if c_pool is None else c_pool[i:i + 1]}
+                                  for i in range(len(cands))], z0, jax.random.fold_in(root, 4))
+        self.log(f"automatic anchor for '{req.target}': '{cands[int(best)]}' "
+                 f"(distances {', '.join(f'{c}={float(d):.4f}' for c, d in zip(cands, np.asarray(dist)))})")
+        return cands[int(best)]
+
+    def _request_data(self, req: Request, index: int, parent: int, prompts: RequestPrompts,
+                      needs: MB.DataNeeds, unet_prev: Any, root: jax.Array) -> RequestData:
+        cfg = self.cfg
+        d = cfg.data
+        key_info = {"parent": parent, "index": index, "prompts": dataclasses.asdict(prompts), "data": to_dict(d),
+                    "needs": dataclasses.asdict(needs), "reg": cfg.regularizer.kind, "seed": cfg.seed}
+        folder = self.run_dir / "data" / f"request-{index:03d}-{_hash_json(key_info)}"
+        need_retain = needs.retain or cfg.regularizer.kind == "ewc"
+        arrays: dict[str, np.ndarray] = {}
+        sizes: dict[str, int] = {}
+        gen_key = jax.random.fold_in(root, 1)
+
+        cached = load_dataset_columns(folder) if folder.exists() else None
+        columns: dict[str, Any] = {}
+
+        def latents(name: str, unet: Any, plist: list[str], n: int, k: int) -> np.ndarray:
+            if cached is not None and f"{name}_z0" in cached:
+                return np.stack(cached[f"{name}_z0"]).astype(np.float32)
+            z = generate_latents(self.model, unet, _cycle(plist, n), jax.random.fold_in(gen_key, k), d)
+            columns[f"{name}_z0"] = z
+            columns[f"{name}_prompt"] = _cycle(plist, n)
+            return z
+
+        def ctx_for(prefix: str, plist: list[str], n: int) -> None:
+            ctx, pooled = encode_texts(self.model, plist)
+            idx = np.arange(n) % len(plist)
+            arrays[f"{prefix}_ctx"] = ctx[idx]
+            if pooled is not None:
+                arrays[f"{prefix}_pooled"] = pooled[idx]
+
+        n_f = d.forget_images
+        if needs.forget or needs.mapped or needs.token_positions or needs.uncond or True:
+            ctx_for("forget", prompts.forget, n_f)
+            m_ctx, m_pool = encode_texts(self.model, prompts.mapped)
+            idx = np.arange(n_f) % len(prompts.mapped)
+            arrays["mapped_ctx"] = m_ctx[idx]
+            if m_pool is not None:
+                arrays["mapped_pooled"] = m_pool[idx]
+            sizes["forget"] = n_f
+        if needs.forget:
+            arrays["forget_z0"] = latents("forget", unet_prev, prompts.forget, n_f, 0)
+        if needs.mapped:
+            arrays["mapped_z0"] = latents("mapped", unet_prev, prompts.mapped, n_f, 1)
+        if needs.token_positions:
+            k = d.max_positions
+            fp, fm = token_positions(self.model, prompts.forget, req.target, d.eot, k)
+            mp, mm = token_positions(self.model, prompts.mapped, prompts.anchor, d.eot, k) if prompts.anchor.strip() \
+                else (np.zeros_like(fp), np.zeros_like(fm))
+            idx = np.arange(n_f) % len(prompts.forget)
+            arrays.update(forget_pos=fp[idx], forget_pos_mask=fm[idx], mapped_pos=mp[idx], mapped_pos_mask=mm[idx])
+        if need_retain:
+            n_r = d.retain_images
+            arrays["retain_z0"] = latents("retain", unet_prev, prompts.retain, n_r, 2)
+            ctx_for("retain", prompts.retain, n_r)
+            sizes["retain"] = n_r
+        if needs.prior:
+            n_p = d.prior_images
+            base_unet = nnx.merge(self.graphdef, self.base_state)
+            arrays["prior_z0"] = latents("prior", base_unet, prompts.prior, n_p, 3)
+            ctx_for("prior", prompts.prior, n_p)
+            sizes["prior"] = n_p
+        if needs.uncond:
+            u_ctx, u_pool = encode_texts(self.model, [""])
+            arrays["uncond_ctx"] = u_ctx
+            if u_pool is not None:
+                arrays["uncond_pooled"] = np.broadcast_to(u_pool, (n_f,) + u_pool.shape[1:]).copy()
+        if self.model.is_sdxl:
+            h, w = self.model.default_size
+            arrays["time_ids"] = np.asarray(PL.sdxl_time_ids(1, h, w))
+        if columns and cached is None:
+            save_dataset(folder, columns)
+        return RequestData(arrays, sizes)
+
+    def _projection(self, prompts: RequestPrompts, removed: list[str]) -> jax.Array:
+        concepts = list(dict.fromkeys([*prompts.prior, *removed]))
+        cols = []
+        for c in concepts:
+            ctx, _ = encode_texts(self.model, [c])
+            pos, mask = token_positions(self.model, [c], c.split("{}")[0].strip() or c, "none", 16)
+            cols += [ctx[0, p] for p, m in zip(pos[0], mask[0]) if m > 0]
+        if not cols:
+            return jnp.eye(self.model.unet.config.cross_attention_dim)
+        return REG.projection_matrix(jnp.asarray(np.stack(cols)), self.cfg.regularizer.projection_eps)
+
+    def _update_reg(self, student: nnx.State, reg_state: Any, data: RequestData, unet_fn: MB.UNetFn,
+                    root: jax.Array) -> Any:
+        rc = self.cfg.regularizer
+        if rc.kind != "ewc":
+            return reg_state
+        n = min(rc.ewc_samples, data.sizes.get("retain", 0))
+        if n == 0:
+            return reg_state
+        fn = MB.UNetFn(self.graphdef, lambda p, r: r)
+        new = REG.fisher_diagonal(fn, student, self.model.schedule, data.arrays["retain_z0"][:n],
+                                  data.arrays["retain_ctx"][:n], jax.random.fold_in(root, 5), n)
+        return REG.update_fisher(reg_state, new, rc.ewc_gamma)
+
+
+def _batch_sharding(mesh: Any, arr: np.ndarray) -> Any:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if arr.ndim and arr.shape[0] % n == 0:
+        return SH.batch_sharding(mesh, arr.ndim)
+    return SH.replicated(mesh)
+
+
+def _state_hash(state: nnx.State) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(flat_params(state).items()):
+        a = np.ascontiguousarray(np.asarray(jax.device_get(v)))
+        h.update(f"{k}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).resolve().parent / "assets" / "toyworld" / "model"
+
+
+__all__ = ["RunConfig", "DataConfig", "OptimConfig", "MeshConfig", "EvalHook", "ContinualRun", "TrainingError",
+           "request_prompts", "complete_request", "pending_requests", "generate_latents", "make_train_step",
+           "flat_params", "unflat_params"]
+
+
+def export_snapshot(run_dir: Path, snapshot: int, out: Path, dtype: str = "float32") -> Path:
+    """Write snapshot ``snapshot`` of a run as a diffusers folder (the run's base model with the
+    snapshot's UNet)."""
+    from jaxforget.checkpoints import RunStore
+    from jaxforget.io.diffusers_folder import export_model_folder, load_model_folder
+
+    store = RunStore.open(run_dir, create=False)
+    info = store.run_info
+    folder = load_model_folder(info["base_model"])
+    graphdef, state = nnx.split(folder.unet)
+    if snapshot != 0:
+        tree, _ = store.load_snapshot(snapshot, {"params": _abstract(flat_params(state))})
+        state = unflat_params(state, tree["params"])
+    return export_model_folder(folder, out, dtype=dtype, unet=nnx.merge(graphdef, state))
