@@ -125,7 +125,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     _check_requests_file(args.concepts)
     cfg = load_run_config(args.config, args.overrides, args.run_dir, args.model)
     run = ContinualRun(cfg, evaluator=make_evaluator(cfg))
-    summaries = run.run(args.concepts)
+    try:
+        summaries = run.run(args.concepts)
+    finally:
+        run.close()
     print(f"done: {len(summaries)} request(s) applied; run directory {cfg.run_dir}")
     return 0
 
@@ -139,9 +142,9 @@ def add_rollback_args(p: argparse.ArgumentParser) -> None:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from jaxforget.checkpoints import RunStore
 
-    store = RunStore.open(Path(args.run_dir), create=False)
-    store.rollback(args.to, delete_later=args.delete_later)
-    chain = [e["request"]["target"] for e in store.ledger()]
+    with RunStore.open(Path(args.run_dir), create=False) as store:
+        store.rollback(args.to, delete_later=args.delete_later)
+        chain = [e["request"]["target"] for e in store.ledger()]
     print(f"head is now snapshot {args.to}; applied requests: {', '.join(chain) or '(none)'}")
     return 0
 

@@ -7,6 +7,7 @@ line and dotted field), so a typo stops a run before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -105,6 +106,8 @@ def _coerce(value: Any, tp: Any, where: str, lines: Mapping[str, int] | None = N
         vt = args[1] if args else Any
         return {k: _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # 1e-5 in a YAML file (YAML 1.1 needs 1.0e-5)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -151,6 +154,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "", lines: Map
         raise ConfigError(f"{source or where or cls.__name__}: {err}") from None
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``a.b.c=value`` strings (values parsed as YAML scalars/lists) to a nested dict."""
     data = dict(data)
@@ -162,6 +168,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -385,22 +385,22 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation
 
 
 def make_train_step(method: MB.Method, unet_fn: MB.UNetFn, reg_cfg: REG.Config,
-                    tx: optax.GradientTransformation, projection: bool) -> Callable:
-    """One jitted step: loss (method + regularizer), grads, optional gradient projection, AdamW.
-    Params and optimizer state are donated; returns (params, opt_state, metrics)."""
+                    tx: optax.GradientTransformation, trainable_paths: Sequence[str]) -> Callable:
+    """One jitted step: loss (method + regularizer), grads, optimizer update (gradient projection,
+    when configured, is part of ``tx``). Params and optimizer state are donated; returns
+    (params, opt_state, metrics)."""
+    paths = tuple(trainable_paths)
 
     def total_loss(params, frozen, batch, rng):
         loss, metrics = method.loss(params, frozen, batch, rng)
         if reg_cfg.kind != "none" and reg_cfg.weight:
-            r, rm = REG.penalty(reg_cfg, unet_fn.student(params, frozen), frozen)
-            loss = loss + reg_cfg.weight * r
-            metrics = {**metrics, **{f"reg_{k}": v for k, v in rm.items()}, "reg": r}
+            r, rm = REG.penalty(reg_cfg, unet_fn.student(params, frozen), frozen, paths)  # already weighted
+            loss = loss + r
+            metrics = {**metrics, **rm}
         return loss, metrics
 
-    def step(params, opt_state, frozen, batch, rng, proj):
+    def step(params, opt_state, frozen, batch, rng):
         (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(params, frozen, batch, rng)
-        if projection:
-            grads = REG.project_gradients(grads, proj)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -482,8 +482,12 @@ class ContinualRun:
         self.model_dir = Path(cfg.model) if cfg.model else default_model_dir()
         base_hash = folder_hash(self.model_dir)  # raises a clear error for a missing folder
         self.run_dir = Path(cfg.run_dir)
-        # open (or create) the store first: a base-model mismatch must fail before anything is written
-        self.store = RunStore.open(self.run_dir, base_model=str(self.model_dir), base_hash=base_hash)
+        # an existing run is opened now (a base-model mismatch fails before anything is written);
+        # a new one is created only after the requests have been validated
+        self.store = None
+        if (self.run_dir / "run.json").exists():
+            self.store = RunStore.open(self.run_dir, base_model=str(self.model_dir), base_hash=base_hash,
+                                       create=False)
         dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
         self.folder = load_model_folder(self.model_dir, compute_dtype=dtype)
         self.model = PL.DiffusionModel.from_folder(self.folder)
@@ -493,6 +497,11 @@ class ContinualRun:
         self.param_sharding = SH.param_shardings(base_state, self.mesh)
         self.base_state = jax.device_put(base_state, self.param_sharding)
         self.evaluator = evaluator
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     # ------------------------------------------------------------------ state of the chain
     def _load_head(self) -> tuple[nnx.State, Any]:
@@ -510,12 +519,18 @@ class ContinualRun:
 
     # ------------------------------------------------------------------ main entry
     def run(self, requests_path: str | Path) -> list[RequestSummary]:
+        from jaxforget.checkpoints import RunStore
+
         requests = parse_requests(requests_path)
         requests = [complete_request(r, self.cfg.data) for r in requests]
-        applied = [e["request"]["target"] for e in self.store.ledger()]
+        applied = [e["request"]["target"] for e in self.store.ledger()] if self.store else []
         done, pending = pending_requests(requests, applied)
-        validate_requests(pending, str(requests_path), tokenizer=self.model.tokenizer, removed=applied,
-                          default_templates=self.cfg.data.templates)
+        for r in pending:  # every prompt of every request is checked with its own templates
+            validate_requests([r], str(requests_path), tokenizer=self.model.tokenizer, removed=applied,
+                              default_templates=_templates(r, self.cfg.data))
+        validate_requests(pending, str(requests_path), removed=applied)  # duplicates across requests
+        if self.store is None:
+            self.store = RunStore.open(self.run_dir, base_model=str(self.model_dir), base_hash=self.base_hash)
         if not pending:
             self.log(f"all {len(requests)} requests already applied (run {self.run_dir})")
             return []
@@ -546,13 +561,19 @@ class ContinualRun:
         data = self._request_data(req, index, parent, prompts, method.needs, unet_prev, root)
         t_data = time.time() - t0
 
+        # online EWC: the Fisher of θ_{k-1} on this request's retain data, accumulated over requests
+        reg_state = self._update_reg(prev_state, reg_state, data, root)
         frozen = MB.Frozen(rest=split.rest, prev=prev_state, base=self.base_state, reg=reg_state)
         tx = make_optimizer(cfg.optim, cfg.steps)
+        if cfg.regularizer.grad_projection:  # after the optimizer: keeps K/V updates orthogonal to C under Adam
+            tx = optax.chain(tx, REG.project_updates(self._projection(prompts, removed)))
         # a private copy: params are donated to the step, and the split shares buffers with prev
         params = jax.tree.map(jnp.copy, split.params)
-        opt_state = tx.init(params)
-        proj = self._projection(prompts, removed) if cfg.regularizer.grad_projection else None
-        step_fn = make_train_step(method, unet_fn, cfg.regularizer, tx, proj is not None)
+        # every leaf on the mesh (scalars such as Adam's count replicated), so that a state
+        # restored from a step checkpoint lands on the same devices as a fresh one
+        on_mesh = lambda x: x if len(x.sharding.device_set) > 1 else jax.device_put(x, SH.replicated(self.mesh))  # noqa: E731
+        opt_state = jax.tree.map(on_mesh, tx.init(params))
+        step_fn = make_train_step(method, unet_fn, cfg.regularizer, tx, split.trainable_paths)
 
         ckpt = self.store.step_checkpointer(index, every=cfg.checkpoint_every)
         template = {"params": flat_leaves(params), "opt_state": flat_leaves(opt_state)}
@@ -574,7 +595,7 @@ class ContinualRun:
                 host = data.batch(np.random.default_rng([cfg.seed, index, step]), cfg.batch_size)
                 batch = {k: jax.device_put(v, bsh.setdefault(k, _batch_sharding(self.mesh, v))) for k, v in host.items()}
                 params, opt_state, metrics = step_fn(params, opt_state, frozen, batch,
-                                                     jax.random.fold_in(train_key, step), proj)
+                                                     jax.random.fold_in(train_key, step))
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     msg = (f"request {index + 1} ({req.target!r}) diverged at step {step + 1}: loss is {loss}; "
@@ -593,7 +614,7 @@ class ContinualRun:
             last = {"loss": float("nan")}
 
         student = jax.jit(split.materialize)(params, split.rest)
-        new_reg = self._update_reg(student, reg_state, data, unet_fn, root)
+        new_reg = reg_state
         metrics_eval = None
         tree = {"params": flat_params(student), "opt_state": flat_leaves(opt_state)}
         if new_reg is not None:
@@ -724,8 +745,7 @@ class ContinualRun:
             return jnp.eye(self.model.unet.config.cross_attention_dim)
         return REG.projection_matrix(jnp.asarray(np.stack(cols)), self.cfg.regularizer.projection_eps)
 
-    def _update_reg(self, student: nnx.State, reg_state: Any, data: RequestData, unet_fn: MB.UNetFn,
-                    root: jax.Array) -> Any:
+    def _update_reg(self, state: nnx.State, reg_state: Any, data: RequestData, root: jax.Array) -> Any:
         rc = self.cfg.regularizer
         if rc.kind != "ewc":
             return reg_state
@@ -733,7 +753,7 @@ class ContinualRun:
         if n == 0:
             return reg_state
         fn = MB.UNetFn(self.graphdef, lambda p, r: r)
-        new = REG.fisher_diagonal(fn, student, self.model.schedule, data.arrays["retain_z0"][:n],
+        new = REG.fisher_diagonal(fn, state, self.model.schedule, data.arrays["retain_z0"][:n],
                                   data.arrays["retain_ctx"][:n], jax.random.fold_in(root, 5), n)
         return REG.update_fisher(reg_state, new, rc.ewc_gamma)
 
@@ -769,11 +789,13 @@ def export_snapshot(run_dir: Path, snapshot: int, out: Path, dtype: str = "float
     from jaxforget.checkpoints import RunStore
     from jaxforget.io.diffusers_folder import export_model_folder, load_model_folder
 
-    store = RunStore.open(run_dir, create=False)
-    info = store.run_info
-    folder = load_model_folder(info["base_model"])
-    graphdef, state = nnx.split(folder.unet)
-    if snapshot != 0:
-        tree, _ = store.load_snapshot(snapshot, {"params": _abstract(flat_params(state))})
-        state = unflat_params(state, tree["params"])
+    with RunStore.open(run_dir, create=False, lock=False) as store:
+        info = store.run_info
+        folder = load_model_folder(info["base_model"])
+        graphdef, state = nnx.split(folder.unet)
+        if snapshot != 0:
+            if snapshot not in store.snapshot_ids():
+                raise JaxforgetError(f"{run_dir}: no snapshot {snapshot} (snapshots: {store.snapshot_ids()})")
+            tree, _ = store.load_snapshot(snapshot, {"params": _abstract(flat_params(state))})
+            state = unflat_params(state, tree["params"])
     return export_model_folder(folder, out, dtype=dtype, unet=nnx.merge(graphdef, state))

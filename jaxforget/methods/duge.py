@@ -1,0 +1,154 @@
+"""DUGE (Thakral et al., arXiv 2503.13769) — jaxforget's reconstruction (methods.md).
+
+The paper's formulas are not public; this is the reading documented in methods.md::
+
+    L = L_U + λ_pr·L_pr            (+ λ_R·R, composed by the engine — see below)
+    L_U = L_eps + γ·L_attn
+
+On x_t from ``mapped_z0`` (ε_prev's images for the mapped prompts: images devoid of the target),
+t ~ U{0..t_max}, with T_f the target positions in p_f and T_m the anchor positions in p_m:
+
+- ``L_eps = mean ‖ε_θ(x_t, t, τ(p_f)) − sg[ε_prev(x_t, t, τ(p_m))]‖²``
+- ``attn_mode="match"``: ``L_attn = Σ_ℓ mean ‖agg(A^θ_ℓ(x_t, p_f)[..., T_f]) −
+  sg[agg(A^prev_ℓ(x_t, p_m)[..., T_m])]‖²`` with agg = masked sum over the probed positions
+  (``base.span_sum``), so a one-token anchor and a three-token target compare;
+- ``attn_mode="fmn"``: ``L_attn = ‖concat_ℓ A^θ_ℓ(x_t, p_f)[..., T_f]·mask‖_F`` (Forget-Me-Not
+  re-steering: push the target's attention mass down, no teacher map).
+
+ℓ runs over the ``attn2`` layers whose dotted path (the keys of ``UNetOutput.attn_probes``, e.g.
+``down_blocks.0.attentions.0.transformer_blocks.0.attn2``) matches the regex ``layers``
+(``re.search``; "" = all).
+
+- ``L_pr = mean ‖ε_θ(x_t, t, τ(p_r)) − target‖²`` on ``prior_z0`` / ``prior_ctx`` (ε_base's
+  images for related concepts, DreamBooth prior preservation), t ~ U{0..999}, target =
+  ``schedulers.training_target`` (the noise, or v for v-prediction schedules).
+
+The memory regularization R of the paper (online EWC, ``Σ F (θ − θ_{k-1})²``, or its l2 options)
+is *not* part of this module: the engine composes the regularizers of
+``jaxforget/methods/regularizers.py`` with any method, DUGE included.
+
+Data sets read (``needs``): ``mapped`` (mapped_ctx, mapped_z0), ``prior`` (prior_ctx, prior_z0),
+``token_positions`` (forget_pos / forget_pos_mask, mapped_pos / mapped_pos_mask), and
+``forget_ctx`` (prompt embeddings; ε_prev's forget images are not needed, so ``needs.forget`` is
+False). ``frozen.base`` is not read (the prior images already come from ε_base).
+
+Random numbers: ``k_u, k_pr = jax.random.split(rng)``; ``base.noisy(schedule, mapped_z0, k_u,
+t_max=t_max)`` and ``base.noisy(schedule, prior_z0, k_pr)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxforget import schedulers as S
+from jaxforget.errors import ConfigError
+from jaxforget.methods import base as B
+
+NAME = "duge"
+ATTN_MODES = ("match", "fmn")
+
+
+@dataclass(frozen=True)
+class Config:
+    gamma: float = 1.0  # weight of L_attn inside L_U
+    lambda_pr: float = 1.0  # weight of the prior-preservation loss
+    attn_mode: str = "match"  # "match" (steer toward prev's anchor maps) | "fmn" (minimize)
+    layers: str = ""  # regex over attn2 layer paths (re.search); "" = all cross-attention layers
+    t_max: int = 999  # t ~ U{0..t_max} for L_U
+
+
+def validate(cfg: Config, schedule: S.NoiseSchedule) -> None:
+    if cfg.attn_mode not in ATTN_MODES:
+        raise ConfigError(f"duge.attn_mode={cfg.attn_mode!r} is not supported (use one of {', '.join(ATTN_MODES)})")
+    try:
+        re.compile(cfg.layers)
+    except re.error as e:
+        raise ConfigError(f"duge.layers={cfg.layers!r} is not a valid regular expression: {e}") from None
+    if not 0 <= cfg.t_max < schedule.num_train_timesteps:
+        raise ConfigError(f"duge.t_max={cfg.t_max} must lie in [0, {schedule.num_train_timesteps - 1}]")
+
+
+def select_layers(paths: list[str] | tuple[str, ...], pattern: str) -> list[str]:
+    """The probed attn2 paths matching ``pattern`` (sorted, so the sum order is fixed)."""
+    rx = re.compile(pattern)
+    chosen = sorted(p for p in paths if rx.search(p))
+    if not chosen:
+        raise ConfigError(f"duge.layers={pattern!r} matches none of the cross-attention layers "
+                          f"({', '.join(sorted(paths)) or 'the UNet returned no attention probes'})")
+    return chosen
+
+
+def _safe_norm(sq_sum: jax.Array) -> jax.Array:
+    # sqrt has an infinite derivative at 0 (all target positions masked): give 0 instead of NaN
+    pos = sq_sum > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq_sum, 1.0)), 0.0)
+
+
+@dataclass(frozen=True)
+class DUGE:
+    cfg: Config
+    unet_fn: B.UNetFn
+    schedule: S.NoiseSchedule
+    name: str = NAME
+    needs: B.DataNeeds = field(
+        default_factory=lambda: B.DataNeeds(mapped=True, prior=True, token_positions=True))
+
+    @property
+    def needs_base(self) -> bool:
+        """DUGE never reads ``frozen.base``."""
+        return False
+
+    def terms(self, params: nnx.State, frozen: B.Frozen, batch: Mapping[str, jax.Array],
+              rng: jax.Array) -> dict[str, jax.Array]:
+        """The unweighted terms (fp32 scalars): eps, attn, prior."""
+        cfg, f = self.cfg, self.unet_fn
+        k_u, k_pr = jax.random.split(rng)
+        student = f.student(params, frozen)
+        prev = jax.lax.stop_gradient(frozen.prev)
+
+        x_t, t, _ = B.noisy(self.schedule, batch["mapped_z0"], k_u, t_max=cfg.t_max)
+        pred, probes = f(student, x_t, t, **B.cond(batch, "forget"), probe_tokens=batch["forget_pos"])
+        match = cfg.attn_mode == "match"
+        target, t_probes = f(prev, x_t, t, **B.cond(batch, "mapped"),
+                             probe_tokens=batch["mapped_pos"] if match else None)
+        l_eps = B.mse(pred, jax.lax.stop_gradient(target))
+
+        fmask = batch["forget_pos_mask"]
+        layers = select_layers(tuple(probes), cfg.layers)
+        if match:
+            mmask = batch["mapped_pos_mask"]
+            l_attn = jnp.zeros((), jnp.float32)
+            for name in layers:
+                a = B.span_sum(probes[name].astype(jnp.float32), fmask)
+                b = jax.lax.stop_gradient(B.span_sum(t_probes[name].astype(jnp.float32), mmask))
+                l_attn = l_attn + B.mse(a, b)
+        else:
+            sq = jnp.zeros((), jnp.float32)
+            for name in layers:
+                a = probes[name].astype(jnp.float32) * fmask[:, None, None, :].astype(jnp.float32)
+                sq = sq + jnp.sum(jnp.square(a))
+            l_attn = _safe_norm(sq)
+
+        z0 = batch["prior_z0"]
+        x_t, t, eps = B.noisy(self.schedule, z0, k_pr)
+        pred, _ = f(student, x_t, t, **B.cond(batch, "prior"))
+        l_pr = B.mse(pred, S.training_target(self.schedule, z0.astype(jnp.float32), eps, t))
+        return {"eps": l_eps, "attn": l_attn, "prior": l_pr}
+
+    def loss(self, params: nnx.State, frozen: B.Frozen, batch: Mapping[str, jax.Array],
+             rng: jax.Array) -> tuple[jax.Array, B.Metrics]:
+        m = self.terms(params, frozen, batch, rng)
+        l_u = m["eps"] + self.cfg.gamma * m["attn"]
+        total = l_u + self.cfg.lambda_pr * m["prior"]
+        return total, {"loss": total.astype(jnp.float32), "unlearn": l_u, **m}
+
+
+def build(cfg: Config, unet_fn: B.UNetFn, schedule: S.NoiseSchedule) -> DUGE:
+    validate(cfg, schedule)
+    return DUGE(cfg=cfg, unet_fn=unet_fn, schedule=schedule)
