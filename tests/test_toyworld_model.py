@@ -1,0 +1,71 @@
+"""The shipped toy-world model: diffusers layout, loadable by jaxforget and by diffusers, and good
+enough that the judge recognizes what it draws (a broken model or loader fails here)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxforget.cli import DEFAULT_JUDGE, DEFAULT_MODEL
+from jaxforget.io.diffusers_folder import load_model_folder
+from jaxforget.pipeline import DiffusionModel, generate_jit, make_spec, tokenize_prompts
+from jaxforget.toyworld import catalogue as C
+from jaxforget.toyworld import judge as J
+
+# Floors for a spot check (the full table, 8 images per prompt, is in NOTES.md). The shipped model
+# does NOT reach the issue's 90 % bar yet (measured: object 22.9 %, style 68.1 %); the floors sit
+# above chance (about 10 % per head), so a broken model or loader still fails here.
+OBJECT_FLOOR = 0.14
+STYLE_FLOOR = 0.45
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DiffusionModel.from_folder(load_model_folder(DEFAULT_MODEL))
+
+
+def test_shipped_folder_has_the_diffusers_layout():
+    index = json.loads((DEFAULT_MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for comp, weights in [("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+                          ("text_encoder", "model.safetensors")]:
+        assert (DEFAULT_MODEL / comp / "config.json").is_file()
+        assert (DEFAULT_MODEL / comp / weights).is_file()
+    assert (DEFAULT_MODEL / "tokenizer" / "vocab.json").is_file()
+    assert (DEFAULT_MODEL / "scheduler" / "scheduler_config.json").is_file()
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert size < 30e6
+
+
+def test_diffusers_loads_the_shipped_model_and_agrees(model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(DEFAULT_MODEL), safety_checker=None)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ids = tokenize_prompts(model, ["a red circle on dots background", "a star"]).ids
+    t = np.array([10, 500])
+    ctx = model.text_encoder(ids).last_hidden_state
+    ours = np.asarray(model.unet(x, t, ctx).sample)
+    with torch.no_grad():
+        tctx = pipe.text_encoder(torch.from_numpy(np.asarray(ids)).long())[0]
+        theirs = pipe.unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), tctx).sample
+    theirs = theirs.permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4  # fp32 parity tolerance
+
+
+def test_generated_images_are_recognized_by_the_judge(model):
+    cat = C.load_catalogue()
+    judge = J.load_judge(DEFAULT_JUDGE)
+    examples = [ex for c in cat.concepts for ex in C.eval_examples(c, 2, cat)[:4]]
+    spec = make_spec(model, num_inference_steps=20, guidance_scale=4.0)
+    keys = jax.numpy.stack([jax.random.PRNGKey(ex.spec.seed % 2**31) for ex in examples])
+    out = generate_jit(model.networks, tokenize_prompts(model, [ex.prompt for ex in examples]),
+                       tokenize_prompts(model, [""]), keys, schedule=model.schedule, spec=spec)
+    names = J.predicted_names(judge, J.judge_predict(judge, np.asarray(out.images)))
+    obj = [p == ex.labels.object for p, ex in zip(names["object"], examples) if ex.labels.object]
+    sty = [p == ex.labels.style for p, ex in zip(names["style"], examples) if ex.labels.style]
+    assert np.mean(obj) >= OBJECT_FLOOR, np.mean(obj)
+    assert np.mean(sty) >= STYLE_FLOOR, np.mean(sty)
