@@ -14,11 +14,11 @@ from jaxforget.pipeline import DiffusionModel, generate_jit, make_spec, tokenize
 from jaxforget.toyworld import catalogue as C
 from jaxforget.toyworld import judge as J
 
-# Floors for a spot check (the full table, 8 images per prompt, is in NOTES.md). The shipped model
-# does NOT reach the 90 % bar yet (measured: object 22.9 %, style 68.1 %); the floors sit
-# above chance (about 10 % per head), so a broken model or loader still fails here.
-OBJECT_FLOOR = 0.14
-STYLE_FLOOR = 0.45
+# Floors for a spot check of 80 images (the full table, 8 images per prompt, is in NOTES.md:
+# object 92.6 %, style 93.0 %). Chance is about 10 % per head; the floors leave room for the spot
+# check's sampling noise and still fail a broken model or loader.
+OBJECT_FLOOR = 0.75
+STYLE_FLOOR = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -67,5 +67,6 @@ def test_generated_images_are_recognized_by_the_judge(model):
     names = J.predicted_names(judge, J.judge_predict(judge, np.asarray(out.images)))
     obj = [p == ex.labels.object for p, ex in zip(names["object"], examples) if ex.labels.object]
     sty = [p == ex.labels.style for p, ex in zip(names["style"], examples) if ex.labels.style]
+    print(f"spot check: object {np.mean(obj):.3f}, style {np.mean(sty):.3f}")
     assert np.mean(obj) >= OBJECT_FLOOR, np.mean(obj)
     assert np.mean(sty) >= STYLE_FLOOR, np.mean(sty)

@@ -51,6 +51,7 @@ class StageConfig:
     warmup: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    schedule_steps: int = 0  # cosine horizon (0 = steps); > steps stops a longer schedule early
 
 
 @dataclass
@@ -124,7 +125,8 @@ def _batch_indices(seed: int, stage: int, step: int, n: int, batch: int) -> np.n
 
 
 def _optimizer(cfg: StageConfig) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1),
+    horizon = cfg.schedule_steps or cfg.steps
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1), max(horizon, cfg.warmup + 1),
                                                end_value=cfg.lr * 0.05)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
@@ -342,7 +344,7 @@ class Pretrainer:
         init = {"params": _pure(params), "ema": _pure(params), "opt": tx.init(_pure(params))}
 
         @jax.jit
-        def step(tree, mean, std, tok_ids, key):
+        def step(tree, mean, std, tok_ids, key, i):
             kn, kt, kz, kd = jax.random.split(key, 4)
             b = mean.shape[0]
             z0 = (mean + std * jax.random.normal(kz, mean.shape)) * scaling
@@ -364,7 +366,9 @@ class Pretrainer:
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(tree["params"])
             updates, opt = tx.update(grads, tree["opt"], tree["params"])
             new = optax.apply_updates(tree["params"], updates)
-            ema = optax.incremental_update(new, tree["ema"], 1.0 - uc.ema_decay)
+            # EMA warm-up: a fixed 0.999 from step 0 would keep ~5 % of the random init after 3k steps
+            decay = jnp.minimum(uc.ema_decay, (1.0 + i) / (10.0 + i))
+            ema = optax.incremental_update(new, tree["ema"], 1.0 - decay)
             return {"params": new, "ema": ema, "opt": opt}, metrics
 
         root = jax.random.PRNGKey(self.cfg.seed + 5)
@@ -372,7 +376,7 @@ class Pretrainer:
         def step_fn(tree, i):
             idx = _batch_indices(self.cfg.seed, 5, i, len(lat_mean), uc.batch_size)
             return step(tree, jnp.asarray(lat_mean[idx]), jnp.asarray(lat_std[idx]), jnp.asarray(ids[idx]),
-                        jax.random.fold_in(root, i))
+                        jax.random.fold_in(root, i), jnp.float32(i))
 
         tree = _train_loop("unet", self.work / "ckpt_unet", self.cfg.checkpoint_every, uc.steps, init, step_fn,
                            self.log)
