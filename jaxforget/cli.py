@@ -164,17 +164,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- evaluate
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="an existing run directory")
+    p.add_argument("--model", default=None, help="the run's base model folder, if it moved")
+    p.add_argument("--attack", action="store_true",
+                   help="also run the soft-prompt attack on every removed concept at the last snapshot")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides of the run's config (eval.images_per_prompt=8) and of the attack "
+                        "(attack.steps=100)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from jaxforget.config import load_config
+    from jaxforget.eval.attack import AttackConfig
+    from jaxforget.eval.hook import evaluate_run
+
+    for item in args.overrides:
+        if "=" not in item:
+            raise JaxforgetError(f"command line: expected key=value, got {item!r}")
+    attack_over = [o[len("attack."):] for o in args.overrides if o.startswith("attack.")]
+    run_over = [o for o in args.overrides if not o.startswith("attack.")]
+    attack = load_config(AttackConfig, None, ["enabled=true", *attack_over]) if args.attack else None
+    rows = evaluate_run(args.run_dir, run_over, attack=attack, model_dir=args.model)
+    print(f"evaluated {len(rows) - 1} snapshot(s) and the base model; report in {Path(args.run_dir) / 'report'}")
+    return 0
+
+
 COMMANDS = {
     "generate": (add_generate_args, cmd_generate, "generate a PNG grid of images for prompts"),
     "pretrain-toyworld": (add_pretrain_args, cmd_pretrain, "pre-train the embedded toy-world model"),
     "unlearn": (add_unlearn_args, cmd_unlearn, "apply deletion requests one after another (resumable)"),
     "rollback": (add_rollback_args, cmd_rollback, "continue a run from an earlier snapshot"),
     "export": (add_export_args, cmd_export, "export a snapshot to a diffusers folder"),
+    "evaluate": (add_evaluate_args, cmd_evaluate, "re-evaluate every snapshot of a run and rewrite its report"),
 }
 
 
 def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
-    """``jaxforget COMMAND ...``; launch scripts pass ``command`` and only its arguments."""
+    """``jaxforget COMMAND ...``; launch scripts pass ``command`` and only its arguments.
+    JAX's persistent compilation cache is turned on ($JAXFORGET_CACHE_DIR, default
+    ~/.cache/jaxforget/xla) unless a cache directory is already configured."""
+    from jaxforget.distributed import enable_compilation_cache
+
+    enable_compilation_cache()
     if command is not None:
         add, fn, help_ = COMMANDS[command]
         parser = argparse.ArgumentParser(prog=f"jaxforget {command}", description=help_)

@@ -1,14 +1,23 @@
-"""Multi-host start-up: jax.distributed.initialize() before any other JAX call.
+"""Multi-process start-up and the persistent compilation cache.
 
-Triggers: explicit flags (``--coordinator HOST:PORT --num-processes N --process-id I``, optional
-``--local-devices K`` for simulated CPU devices), or the environment of a TPU pod / SLURM job
-that JAX detects by itself (``JAXFORGET_DISTRIBUTED=1`` or ``JAX_COORDINATOR_ADDRESS`` set).
-A single process on one host calls nothing.
+``initialize_from_argv`` calls ``jax.distributed.initialize()`` before anything touches a JAX
+backend (the runtime refuses to start once a backend exists, and even ``jax.default_backend()``
+or ``jax.devices()`` creates one). Triggers: explicit flags (``--coordinator HOST:PORT
+--num-processes N --process-id I``, optional ``--local-devices K`` for K simulated CPU devices per
+process), or the environment of a TPU pod / SLURM job that JAX detects by itself
+(``JAXFORGET_DISTRIBUTED=1`` or ``JAX_COORDINATOR_ADDRESS`` set). A single process on one host
+calls nothing. Afterwards ``jax.devices()`` lists every process's devices (the global mesh) and
+``jax.local_devices()`` this process's.
+
+On CPU hosts the cross-process collectives use gloo (``jax_cpu_collectives_implementation``),
+which is what makes a several-process run on one machine a real test of the multi-host path.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Sequence
 
 from jaxforget.errors import ConfigError
@@ -33,20 +42,46 @@ def _pop_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return found, rest
 
 
-def initialize_from_argv(argv: Sequence[str]) -> list[str]:
-    """Initialize the multi-process runtime when asked; return the remaining arguments."""
-    flags, rest = _pop_flags(argv)
-    if "--local-devices" in flags:  # simulated CPU devices per process (tests, laptops)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={int(flags['--local-devices'])}")
+def _int_flag(flags: dict[str, str], name: str) -> int:
+    try:
+        return int(flags[name])
+    except KeyError:
+        raise ConfigError("command line: --coordinator needs --num-processes N and --process-id I") from None
+    except ValueError:
+        raise ConfigError(f"command line: {name} must be an integer, got {flags[name]!r}") from None
+
+
+def _set_local_cpu_devices(k: int) -> None:
+    """K simulated CPU devices in this process (before the backend starts)."""
     import jax
 
-    if "--coordinator" in flags or "--num-processes" in flags:
-        try:
-            n, i = int(flags["--num-processes"]), int(flags["--process-id"])
-        except (KeyError, ValueError):
-            raise ConfigError("command line: --coordinator needs --num-processes N and --process-id I") from None
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    if k < 1:
+        raise ConfigError(f"command line: --local-devices must be >= 1, got {k}")
+    # the XLA flag is also read (and a count inherited from the environment would conflict)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={k}".strip()
+    if hasattr(jax.config, "jax_num_cpu_devices"):
+        jax.config.update("jax_num_cpu_devices", k)
+
+
+def initialize_from_argv(argv: Sequence[str]) -> list[str]:
+    """Initialize the multi-process runtime when asked; return the remaining arguments.
+
+    Must run before any JAX computation or backend query of this process."""
+    flags, rest = _pop_flags(argv)
+    if "--local-devices" in flags:  # simulated CPU devices per process (tests, laptops)
+        _set_local_cpu_devices(_int_flag(flags, "--local-devices"))
+    import jax
+
+    if "--coordinator" in flags or "--num-processes" in flags or "--process-id" in flags:
+        if "--coordinator" not in flags:
+            raise ConfigError("command line: --num-processes / --process-id need --coordinator HOST:PORT")
+        n, i = _int_flag(flags, "--num-processes"), _int_flag(flags, "--process-id")
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(f"command line: --process-id must be in [0, {n}) for --num-processes {n}, got {i}")
+        # no jax.default_backend() here: it would start the backend, and initialize() must come
+        # first. The setting only affects the CPU client (gloo: cross-process CPU collectives).
+        if hasattr(jax.config, "jax_cpu_collectives_implementation"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=flags["--coordinator"], num_processes=n, process_id=i)
     elif os.environ.get("JAXFORGET_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -54,4 +89,28 @@ def initialize_from_argv(argv: Sequence[str]) -> list[str]:
     return rest
 
 
-__all__ = ["initialize_from_argv"]
+def default_cache_dir() -> Path:
+    """$JAXFORGET_CACHE_DIR, else ~/.cache/jaxforget/xla."""
+    env = os.environ.get("JAXFORGET_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxforget" / "xla"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache (compiled train steps, samplers, ... are reused
+    across runs of the same shapes). An already configured cache directory (e.g. a test suite's)
+    is kept; returns the directory in use, or None when it cannot be created."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current and path is None:
+        return Path(current)
+    target = Path(path).expanduser() if path is not None else default_cache_dir()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache rather than fail
+    jax.config.update("jax_compilation_cache_dir", str(target))
+    return target
+
+
+__all__ = ["initialize_from_argv", "enable_compilation_cache", "default_cache_dir"]

@@ -8,6 +8,20 @@ optimizer state donated; step checkpoints so a crash loses at most ``checkpoint_
 write one Orbax snapshot, evaluate, and print a one-line summary. Everything is deterministic
 in (config seed, request index, step), so a killed run resumed with the same command ends with
 bit-identical parameters.
+
+Scale: the train step is lowered and compiled ahead of time once per request with explicit in/out
+shardings (new params / optimizer state sharded exactly like the donated old ones), and that one
+executable runs every step. ``compute_dtype: bfloat16`` runs every UNet forward (student and
+frozen teachers) in bf16 with fp32 params, optimizer state, attention probabilities and losses;
+``remat: full | dots`` rematerializes the UNet blocks in the backward pass.
+
+Multi-process (``launch/tpu.py --num-processes N ...``): every process runs this same code on the
+global mesh over ``jax.devices()``. Host data (prompts, teacher latents, batches) is computed
+identically on every process, and each process places only its addressable shards of a global
+batch (``jax.make_array_from_callback``). Global results needed on the host (latents, hashes) are
+gathered with ``multihost_utils.process_allgather``. Only process 0 writes files (run store JSON,
+request data cache, evaluation reports; Orbax saves are collective) and logs; the others wait at
+barriers.
 """
 
 from __future__ import annotations
@@ -30,12 +44,14 @@ from flax import nnx
 
 from jaxforget import pipeline as PL
 from jaxforget import sharding as SH
+from jaxforget.eval.attack import AttackConfig
 from jaxforget.config import to_dict
 from jaxforget.errors import ConfigError, JaxforgetError, RequestError
 from jaxforget.methods import base as MB
 from jaxforget.methods import build_method, method_config_types
 from jaxforget.methods import regularizers as REG
 from jaxforget.methods import trainable as TR
+from jaxforget.models.unet import REMAT_POLICIES
 from jaxforget.requests import Request, parse_requests, validate_requests
 from jaxforget.tokenizers import token_span_positions
 
@@ -45,6 +61,52 @@ _METHOD_CONFIGS = method_config_types()
 
 class TrainingError(JaxforgetError):
     """A request's training diverged (NaN / inf loss): the request stops, snapshots are kept."""
+
+
+# ============================================================================ multi-process
+def is_primary() -> bool:
+    """True on the process that writes files and logs (process 0; the only one on one host)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxforget:engine:{name}")
+
+
+def to_host(x: Any) -> np.ndarray:
+    """The full value of an array on this host. An array sharded over other processes' devices
+    is gathered (a collective: every process must make the same call in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def put_global(arr: np.ndarray, sharding: Any) -> jax.Array:
+    """A host array that every process holds in full (same values: the engine's data is
+    deterministic) as a global array: each process transfers only its addressable shards."""
+    arr = np.asarray(arr)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+
+
+def on_mesh(tree: Any, mesh: Any) -> Any:
+    """Every array leaf on ``mesh``: leaves already spread over the mesh's devices keep their
+    sharding, others (Adam's count, fresh LoRA factors, scalars) are replicated, so that the
+    compiled step's input shardings are all over the same global devices."""
+    devices = set(mesh.devices.flat)
+    rep = SH.replicated(mesh)
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+            return x
+        return jax.device_put(x, rep)
+
+    return jax.tree.map(one, tree)
 
 
 # ============================================================================ config
@@ -103,6 +165,7 @@ class EvalHook:
     seed: int = 1234
     batch_size: int = 64
     fid_reference_images: int = 256
+    attack: AttackConfig = field(default_factory=AttackConfig)  # soft-prompt attack on removed concepts (off)
 
 
 def _method_fields() -> dict[str, Any]:
@@ -121,6 +184,7 @@ class RunConfig:
     batch_size: int = 8  # per set (forget / retain / ... each contribute this many examples)
     checkpoint_every: int = 25
     compute_dtype: str = "float32"  # float32 | bfloat16 (params and losses stay fp32)
+    remat: str = "none"  # none | full | dots | layers: jax.checkpoint policy in the UNet (student backward)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainable: TR.Config = field(default_factory=TR.Config)
@@ -141,6 +205,8 @@ class RunConfig:
             raise ConfigError("steps and batch_size must be >= 1")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.data.eot not in ("none", "first_eot", "all_padding"):
             raise ConfigError(f"data.eot must be none, first_eot or all_padding, got {self.data.eot!r}")
 
@@ -248,26 +314,32 @@ def generate_latents(
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + bs))
         res = PL.generate_jit(nets, PL.tokenize_prompts(model, chunk), uncond_ids, keys,
                               schedule=model.schedule, spec=spec)
-        out.append(np.asarray(res.latents[:n], np.float32))
+        out.append(to_host(res.latents)[:n].astype(np.float32))
     return np.concatenate(out, axis=0)
 
 
 def save_dataset(path: Path, columns: Mapping[str, Any]) -> None:
-    """Write a Hugging Face datasets folder atomically (tmp folder + rename)."""
-    from datasets import Dataset
+    """Write a Hugging Face datasets folder atomically (tmp folder + rename): one split per set
+    (the prefix of ``<set>_<field>`` column names), since sets differ in length."""
+    from datasets import Dataset, DatasetDict
 
+    splits: dict[str, dict[str, Any]] = {}
+    for k, v in columns.items():
+        name, _, fieldname = k.partition("_")
+        splits.setdefault(name, {})[fieldname] = list(v) if not isinstance(v, np.ndarray) else v
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_dict({k: list(v) if not isinstance(v, np.ndarray) else v for k, v in columns.items()}).save_to_disk(str(tmp))
+    DatasetDict({name: Dataset.from_dict(cols) for name, cols in splits.items()}).save_to_disk(str(tmp))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
 
 def load_dataset_columns(path: Path) -> dict[str, np.ndarray | list]:
+    """The columns ``save_dataset`` wrote, keyed ``<set>_<field>`` again."""
     from datasets import load_from_disk
 
-    ds = load_from_disk(str(path)).with_format("numpy")
-    return {c: ds[c] for c in ds.column_names}
+    dd = load_from_disk(str(path))
+    return {f"{name}_{c}": ds.with_format("numpy")[c] for name, ds in dd.items() for c in ds.column_names}
 
 
 def load_user_data(path: str) -> dict[str, list]:
@@ -319,7 +391,8 @@ def encode_texts(model: PL.DiffusionModel, prompts: Sequence[str]) -> tuple[np.n
     """(context [N,S,D], pooled [N,P] or None) from the frozen text encoder(s)."""
     ids = PL.tokenize_prompts(model, list(prompts))
     emb = _encode_jit(model.networks, ids)
-    return np.asarray(emb.context, np.float32), (None if emb.text_embeds is None else np.asarray(emb.text_embeds, np.float32))
+    return to_host(emb.context).astype(np.float32), (None if emb.text_embeds is None else
+                                                      to_host(emb.text_embeds).astype(np.float32))
 
 
 @jax.jit
@@ -409,6 +482,21 @@ def make_train_step(method: MB.Method, unet_fn: MB.UNetFn, reg_cfg: REG.Config,
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def compile_train_step(step: Callable, params: Any, opt_state: Any, frozen: Any, batch: Any, rng: jax.Array,
+                       mesh: Any) -> tuple[Any, float]:
+    """Lower and compile ``step`` ahead of time for these arguments (arrays on ``mesh``): input
+    shardings are the arguments' own, new params / optimizer state are sharded exactly like the
+    old ones (so the donated buffers are reused in place and step k+1 takes step k's outputs as
+    they are), metrics replicated (every process can read the loss). Returns (the compiled
+    executable, compile seconds); call it as ``compiled(params, opt_state, frozen, batch, rng)``."""
+    in_sh = tuple(jax.tree.map(lambda x: x.sharding, a) for a in (params, opt_state, frozen, batch, rng))
+    rep = SH.replicated(mesh)
+    jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(in_sh[0], in_sh[1], rep), donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    compiled = jitted.lower(params, opt_state, frozen, batch, rng).compile()
+    return compiled, time.perf_counter() - t0
+
+
 # ============================================================================ request data
 @dataclass
 class RequestData:
@@ -478,13 +566,14 @@ class ContinualRun:
         from jaxforget.io.diffusers_folder import folder_hash, load_model_folder
 
         self.cfg = cfg
-        self.log = log
+        self.log = log if is_primary() else (lambda msg: None)
         self.model_dir = Path(cfg.model) if cfg.model else default_model_dir()
         base_hash = folder_hash(self.model_dir)  # raises a clear error for a missing folder
         self.run_dir = Path(cfg.run_dir)
         # an existing run is opened now (a base-model mismatch fails before anything is written);
         # a new one is created only after the requests have been validated
         self.store = None
+        barrier("engine-init")  # no process may see a run.json another one is about to create
         if (self.run_dir / "run.json").exists():
             self.store = RunStore.open(self.run_dir, base_model=str(self.model_dir), base_hash=base_hash,
                                        create=False)
@@ -530,7 +619,7 @@ class ContinualRun:
                               default_templates=_templates(r, self.cfg.data))
         validate_requests(pending, str(requests_path), removed=applied)  # duplicates across requests
         if self.store is None:
-            self.store = RunStore.open(self.run_dir, base_model=str(self.model_dir), base_hash=self.base_hash)
+            self.store = self._create_store()
         if not pending:
             self.log(f"all {len(requests)} requests already applied (run {self.run_dir})")
             return []
@@ -556,23 +645,22 @@ class ContinualRun:
         prompts = request_prompts(req, cfg.data, removed, anchor)
 
         split = TR.split_trainable(prev_state, cfg.trainable, rng=jax.random.fold_in(root, 7))
-        unet_fn = MB.UNetFn(self.graphdef, split.materialize)
+        unet_fn = MB.UNetFn(self.graphdef, split.materialize, remat=cfg.remat)
         method = build_method(cfg.method, cfg.method_config, unet_fn, self.model.schedule)
         data = self._request_data(req, index, parent, prompts, method.needs, unet_prev, root)
         t_data = time.time() - t0
 
         # online EWC: the Fisher of θ_{k-1} on this request's retain data, accumulated over requests
         reg_state = self._update_reg(prev_state, reg_state, data, root)
-        frozen = MB.Frozen(rest=split.rest, prev=prev_state, base=self.base_state, reg=reg_state)
+        frozen = on_mesh(MB.Frozen(rest=split.rest, prev=prev_state, base=self.base_state, reg=reg_state), self.mesh)
         tx = make_optimizer(cfg.optim, cfg.steps)
         if cfg.regularizer.grad_projection:  # after the optimizer: keeps K/V updates orthogonal to C under Adam
             tx = optax.chain(tx, REG.project_updates(self._projection(prompts, removed)))
         # a private copy: params are donated to the step, and the split shares buffers with prev
-        params = jax.tree.map(jnp.copy, split.params)
+        params = on_mesh(jax.tree.map(jnp.copy, split.params), self.mesh)
         # every leaf on the mesh (scalars such as Adam's count replicated), so that a state
         # restored from a step checkpoint lands on the same devices as a fresh one
-        on_mesh = lambda x: x if len(x.sharding.device_set) > 1 else jax.device_put(x, SH.replicated(self.mesh))  # noqa: E731
-        opt_state = jax.tree.map(on_mesh, tx.init(params))
+        opt_state = on_mesh(tx.init(params), self.mesh)
         step_fn = make_train_step(method, unet_fn, cfg.regularizer, tx, split.trainable_paths)
 
         ckpt = self.store.step_checkpointer(index, every=cfg.checkpoint_every)
@@ -588,14 +676,22 @@ class ContinualRun:
         from jaxforget.progress import progress_bar
 
         train_key = jax.random.fold_in(root, 2)
+        rep = SH.replicated(self.mesh)
         last: dict[str, float] = {}
-        bsh = {}
-        with progress_bar(total=cfg.steps, initial=start, desc=f"[{index + 1}] {req.target}") as bar:
+        bsh: dict[str, Any] = {}
+        compiled = None
+        with progress_bar(total=cfg.steps, initial=start, desc=f"[{index + 1}] {req.target}",
+                          disable=not is_primary()) as bar:
             for step in range(start, cfg.steps):
+                # every process builds the same global batch and places its own shards of it
                 host = data.batch(np.random.default_rng([cfg.seed, index, step]), cfg.batch_size)
-                batch = {k: jax.device_put(v, bsh.setdefault(k, _batch_sharding(self.mesh, v))) for k, v in host.items()}
-                params, opt_state, metrics = step_fn(params, opt_state, frozen, batch,
-                                                     jax.random.fold_in(train_key, step))
+                batch = {k: put_global(v, bsh.setdefault(k, _batch_sharding(self.mesh, v))) for k, v in host.items()}
+                rng = put_global(to_host(jax.random.fold_in(train_key, step)), rep)
+                if compiled is None:  # once per request: one executable for every step
+                    compiled, secs = compile_train_step(step_fn, params, opt_state, frozen, batch, rng, self.mesh)
+                    self.log(f"request {index + 1} '{req.target}': train step compiled in {secs:.1f}s "
+                             f"(compute {cfg.compute_dtype}, remat {cfg.remat})")
+                params, opt_state, metrics = compiled(params, opt_state, frozen, batch, rng)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     msg = (f"request {index + 1} ({req.target!r}) diverged at step {step + 1}: loss is {loss}; "
@@ -634,10 +730,41 @@ class ContinualRun:
         }
         snap = self.store.save_snapshot(tree, meta)
         if self.evaluator is not None and cfg.eval.every and (len(removed) + 1) % cfg.eval.every == 0:
-            metrics_eval = self.evaluator(self, snap, student, removed + [req.target], req)
+            metrics_eval = self._evaluate(snap, student, removed + [req.target], req)
         return RequestSummary(index, req.target, anchor, snap, time.time() - t0, t_data, last, metrics_eval)
 
     # ------------------------------------------------------------------ pieces
+    def _create_store(self) -> Any:
+        """A new run directory. With several processes only process 0 runs the create-time checks
+        (is the folder empty?) and writes run.json: a process checking while process 0 writes
+        would see a non-empty folder without run.json and refuse it. The others pass the store's
+        own creation barrier, then open the finished run directory."""
+        from jaxforget.checkpoints import RunStore, _barrier as store_barrier
+
+        kw = dict(base_model=str(self.model_dir), base_hash=self.base_hash)
+        if jax.process_count() == 1 or is_primary():
+            return RunStore.open(self.run_dir, **kw)  # ends at the store's "run-create" barrier
+        store_barrier("run-create")
+        return RunStore.open(self.run_dir, create=False, **kw)
+
+    def _evaluate(self, snap: int, student: nnx.State, removed: list[str], req: Request) -> Any:
+        if jax.process_count() == 1:
+            return self.evaluator(self, snap, student, removed, req)
+        # several processes: evaluation is host work (judge, image files, report) done once, by
+        # process 0, on full host copies of the states (gathered by every process: a collective);
+        # the others wait at the barrier
+        student_h = jax.tree.map(to_host, student)
+        base_h = jax.tree.map(to_host, self.base_state)
+        out = None
+        if is_primary():
+            base_state, self.base_state = self.base_state, base_h
+            try:
+                out = self.evaluator(self, snap, student_h, removed, req)
+            finally:
+                self.base_state = base_state
+        barrier(f"eval-{snap}")
+        return out
+
     def _anchor(self, req: Request, unet_prev: Any, root: jax.Array) -> str:
         if req.anchor is not None:
             return req.anchor
@@ -657,9 +784,10 @@ class ContinualRun:
         best, dist = auto_anchor(fn, state, self.model.schedule, {"ctx": f_ctx, "pooled": f_pool},
                                  [{"ctx": c_ctx[i:i + 1], "pooled": None if c_pool is None else c_pool[i:i + 1]}
                                   for i in range(len(cands))], z0, jax.random.fold_in(root, 4))
-        self.log(f"automatic anchor for '{req.target}': '{cands[int(best)]}' "
-                 f"(distances {', '.join(f'{c}={float(d):.4f}' for c, d in zip(cands, np.asarray(dist)))})")
-        return cands[int(best)]
+        best, dist = int(to_host(best)), to_host(dist)
+        self.log(f"automatic anchor for '{req.target}': '{cands[best]}' "
+                 f"(distances {', '.join(f'{c}={float(d):.4f}' for c, d in zip(cands, dist))})")
+        return cands[best]
 
     def _request_data(self, req: Request, index: int, parent: int, prompts: RequestPrompts,
                       needs: MB.DataNeeds, unet_prev: Any, root: jax.Array) -> RequestData:
@@ -673,6 +801,7 @@ class ContinualRun:
         sizes: dict[str, int] = {}
         gen_key = jax.random.fold_in(root, 1)
 
+        barrier(f"data-{index}")  # every process sees the same cache state (written by process 0 below)
         cached = load_dataset_columns(folder) if folder.exists() else None
         columns: dict[str, Any] = {}
 
@@ -731,7 +860,9 @@ class ContinualRun:
             h, w = self.model.default_size
             arrays["time_ids"] = np.asarray(PL.sdxl_time_ids(1, h, w))
         if columns and cached is None:
-            save_dataset(folder, columns)
+            if is_primary():
+                save_dataset(folder, columns)
+            barrier(f"data-written-{index}")
         return RequestData(arrays, sizes)
 
     def _projection(self, prompts: RequestPrompts, removed: list[str]) -> jax.Array:
@@ -768,7 +899,7 @@ def _batch_sharding(mesh: Any, arr: np.ndarray) -> Any:
 def _state_hash(state: nnx.State) -> str:
     h = hashlib.sha256()
     for k, v in sorted(flat_params(state).items()):
-        a = np.ascontiguousarray(np.asarray(jax.device_get(v)))
+        a = np.ascontiguousarray(to_host(v))
         h.update(f"{k}\0{a.dtype.str}\0{a.shape}\0".encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
@@ -780,7 +911,8 @@ def default_model_dir() -> Path:
 
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "MeshConfig", "EvalHook", "ContinualRun", "TrainingError",
            "request_prompts", "complete_request", "pending_requests", "generate_latents", "make_train_step",
-           "flat_params", "unflat_params"]
+           "compile_train_step", "flat_params", "unflat_params", "is_primary", "barrier", "to_host", "put_global",
+           "on_mesh"]
 
 
 def export_snapshot(run_dir: Path, snapshot: int, out: Path, dtype: str = "float32") -> Path:

@@ -384,3 +384,42 @@ def test_reports(first_eval, tmp_path):
     assert decoded.size == Image.open(grid).size
     assert "request 1 (circle)" in text and "finetune" in text and "<table>" in text
     assert (tmp_path / "curves.png").is_file() and "src=\"" + str(tmp_path) not in text  # no file links
+
+
+# ----------------------------------------------------------------------------- attack settings of the hook
+def test_hook_attack_settings_follow_the_evaluation_sampler():
+    from jaxforget.engine import EvalHook
+    from jaxforget.eval.attack import AttackConfig
+    from jaxforget.eval.hook import attack_settings
+
+    hook = EvalHook(num_inference_steps=7, guidance_scale=2.5, sampler="euler")
+    assert attack_settings(hook) is None  # no attack field (or disabled): off
+    assert attack_settings(hook, AttackConfig(steps=5)) is None  # enabled defaults to False
+    got = attack_settings(hook, AttackConfig(enabled=True, steps=5))
+    assert (got.steps, got.num_inference_steps, got.guidance_scale, got.sampler) == (5, 7, 2.5, "euler")
+    # the digest (cache identity) follows the sampling actually used
+    assert got.digest() != AttackConfig(enabled=True, steps=5).digest()
+
+
+def test_detection_table_tracks_each_concept_over_requests(tmp_path):
+    rows = [
+        {"k": 0, "target": "", "method": "dfr", "UA": float("nan"), "detection": {"circle": 1.0, "ring": 0.9, "dots": 0.8}},
+        {"k": 1, "target": "circle", "method": "dfr", "UA": 1.0, "detection": {"circle": 0.0, "ring": 0.7, "dots": 0.85}},
+        {"k": 2, "target": "dots", "method": "dfr", "UA": 0.95, "detection": {"circle": 0.05, "ring": 0.8, "dots": 0.05}},
+    ]
+    table = {r["concept"]: r for r in R.detection_table(rows)}
+    assert table["circle"]["removed_at_k"] == 1 and table["dots"]["removed_at_k"] == 2
+    assert table["ring"]["removed_at_k"] == "" and table["ring"]["k=1"] == 0.7
+    # drops count only before the concept's own removal: circle's fall to 0 is the goal, not a drop
+    assert table["circle"]["max_drop"] == 0.0
+    assert table["ring"]["max_drop"] == pytest.approx(0.2)
+    assert table["dots"]["max_drop"] == 0.0  # k = 0 counts (no drop); it only rose before removal
+    R.write_metrics(rows, tmp_path)
+    with open(tmp_path / "metrics_detection.csv") as fh:
+        written = {r["concept"]: r for r in csv.DictReader(fh)}
+    assert written["ring"]["k=2"] == "0.8" and written["ring"]["max_drop"] == "0.2"
+    with open(tmp_path / "metrics.csv") as fh:
+        assert "detection" not in next(csv.reader(fh))  # its own table, not a JSON cell
+    page = R.write_html_report(tmp_path, rows, {}).read_text()
+    assert "Judge detection per concept" in page and "max_drop" in page
+    assert R.detection_table([{"k": 0, "UA": 1.0}]) == []

@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 from jaxforget.eval.grids import make_grid, to_uint8
 
 # metrics plotted / tabulated by default, in this order (others in rows are kept in files)
-CURVE_METRICS = ("UA", "IRA", "CRA", "NRA", "ACC", "fid_proxy", "alignment", "cmmd")
-RATE_METRICS = {"UA", "IRA", "CRA", "NRA", "ACC", "alignment"}  # in [0, 1]
+CURVE_METRICS = ("UA", "IRA", "CRA", "NRA", "ACC", "fid_proxy", "alignment", "cmmd", "attack_success")
+RATE_METRICS = {"UA", "IRA", "CRA", "NRA", "ACC", "alignment", "attack_success", "attack_before"}  # in [0, 1]
 FIRST_COLUMNS = ("method", "k", "target", "domain")
 
 
@@ -100,11 +100,13 @@ def plot_curves(
     form a single line). NaN (e.g. UA at k = 0) leaves a gap."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     names = _present(rows, metrics or CURVE_METRICS)
     if not names:
         raise ValueError("no metric with a finite value to plot")
     methods = list(dict.fromkeys(str(r.get("method", "")) for r in rows))
+    xs_all = [_num(r.get(x)) for r in rows if math.isfinite(_num(r.get(x)))]
     ncols = min(4, len(names))
     nrows = -(-len(names) // ncols)
     fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows), dpi=100)
@@ -119,6 +121,9 @@ def plot_curves(
             ax.plot(xs, ys, marker="o", markersize=3, label=method or None)
         ax.set_title(m)
         ax.set_xlabel(x)
+        if xs_all:  # one x range for every panel (UA starts at k = 1, an attack may be at k = K only)
+            ax.set_xlim(min(xs_all) - 0.3, max(xs_all) + 0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         vals = [_num(r.get(m)) for r in rows]
         if m in RATE_METRICS and all(0.0 <= v <= 1.0 for v in vals if math.isfinite(v)):
             ax.set_ylim(-0.03, 1.03)  # rates on a fixed axis (a CLIPScore alignment is 0-100)
@@ -135,8 +140,11 @@ def plot_curves(
 
 
 # ----------------------------------------------------------------------------- files
+DETECTION = "detection"  # a row's per-concept judge detection rate {concept: rate}: its own table
+
+
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != DETECTION))
     first = [k for k in FIRST_COLUMNS if k in keys]
     metrics = [k for k in CURVE_METRICS if k in keys]
     return first + metrics + [k for k in keys if k not in first and k not in metrics]
@@ -175,7 +183,39 @@ def write_metrics(
                 v = _jsonable(r.get(c))
                 out.append("" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v)
             writer.writerow(out)
+    det_rows = detection_table(rows)
+    if det_rows:
+        with open(directory / f"{stem}_{DETECTION}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in det_rows for k in r)))
+            writer.writeheader()
+            writer.writerows(det_rows)
     return json_path, csv_path
+
+
+def detection_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, concept): the judge's detection rate at every k (``k=0`` is the base
+    model) and ``max_drop``, the largest fall below k = 0 while the concept was not yet removed
+    (the retention check of a continual run); a removed concept's rates after its removal are in
+    its columns too. Empty when the rows carry no per-concept detection."""
+    have = sorted((r for r in rows if isinstance(r.get(DETECTION), Mapping) and r.get("k") is not None),
+                  key=lambda r: r["k"])
+    out = []
+    for method in dict.fromkeys(str(r.get("method", "")) for r in have):
+        mine = [r for r in have if str(r.get("method", "")) == method]
+        removed_at = {str(r.get("target")): int(r["k"]) for r in mine if r.get("target")}
+        base = mine[0][DETECTION] if mine[0]["k"] == 0 else {}
+        for concept in mine[-1][DETECTION]:
+            row: dict[str, Any] = {"method": method, "concept": concept,
+                                   "removed_at_k": removed_at.get(concept, "")}
+            drops = []
+            for r in mine:
+                v = r[DETECTION].get(concept)
+                row[f"k={r['k']}"] = "" if v is None else round(float(v), 4)
+                if v is not None and concept in base and r["k"] < removed_at.get(concept, 10 ** 9):
+                    drops.append(float(base[concept]) - float(v))
+            row["max_drop"] = round(max(drops), 4) if drops else ""
+            out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -257,6 +297,11 @@ def write_html_report(
                 curves = plot_curves(rows, run_dir / "curves.png")
                 parts += ["<h2>Metrics over requests</h2>", _img_tag(curves, "metric curves")]
         parts += ["<h2>All metrics</h2>", _table(rows, cols)]
+        det = detection_table(rows)
+        if det:
+            parts += ["<h2>Judge detection per concept over requests (max_drop: largest fall below the base "
+                      "model before the concept's own removal)</h2>",
+                      _table(det, list(dict.fromkeys(k for r in det for k in r)))]
     if items:
         parts.append("<h2>Images</h2>")
         for caption, image in items:
@@ -267,4 +312,4 @@ def write_html_report(
     return path
 
 
-__all__ = ["CURVE_METRICS", "concept_grid", "plot_curves", "write_metrics", "write_html_report"]
+__all__ = ["CURVE_METRICS", "concept_grid", "plot_curves", "write_metrics", "write_html_report", "detection_table"]

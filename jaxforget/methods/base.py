@@ -75,10 +75,15 @@ class Frozen(NamedTuple):
 class UNetFn:
     """Applies a UNet given as (static graphdef, state): ε(x_t, t, ctx) and optional attention
     probabilities at ``probe_tokens``. ``materialize`` turns (trainable params, rest) into the
-    full student state (identity merge for path-filtered subsets; W + BA for LoRA)."""
+    full student state (identity merge for path-filtered subsets; W + BA for LoRA). ``remat``
+    (none | full | dots) runs the UNet's down / mid / up blocks under jax.checkpoint with that
+    policy: less activation memory in the backward pass, same values. The compute dtype is the
+    graphdef's (the UNet's ``dtype``, e.g. bf16); ε is returned in fp32 and attention
+    probabilities are fp32, so losses are fp32 whatever the compute dtype."""
 
     graphdef: Any
     materialize: Callable[[nnx.State, nnx.State], nnx.State]
+    remat: str = "none"
 
     def __call__(
         self,
@@ -93,7 +98,7 @@ class UNetFn:
     ):
         unet = nnx.merge(self.graphdef, state)
         added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
-        out = unet(x_t, t, ctx, added_cond=added, probe_tokens=probe_tokens)
+        out = unet(x_t, t, ctx, added_cond=added, probe_tokens=probe_tokens, remat=self.remat)
         return out.sample.astype(jnp.float32), out.attn_probes
 
     def student(self, params: nnx.State, frozen: Frozen) -> nnx.State:

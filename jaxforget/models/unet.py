@@ -6,7 +6,9 @@ Every module attribute is named like its diffusers counterpart, so a parameter p
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``.
 
 Feature maps are NHWC. Each block is its own module whose ``__call__`` is a pure function of
-its inputs (no state written), so a block can be wrapped in ``nnx.remat`` later.
+its inputs (no state written), so each down / mid / up block can run under ``jax.checkpoint``
+(rematerialization: ``remat="full"`` saves nothing inside a block and recomputes it in the
+backward pass, ``"dots"`` saves only matmul outputs; see ``REMAT_POLICIES``).
 
 Cross-attention maps: when ``probe_tokens`` (int [B, K]) is given, every ``attn2`` returns its
 fp32 attention probabilities at those key positions, [B, heads, H*W, K], and the UNet returns
@@ -35,6 +37,20 @@ from jaxforget.models.layers import (
     attention,
     get_activation,
 )
+
+# rematerialization policies (None = no jax.checkpoint at all). "full" / "dots" checkpoint each
+# down / mid / up block; "dots" keeps matmul outputs (jax's dots_saveable: dot_general only,
+# convolutions are recomputed). "layers" checkpoints every transformer layer and resnet on its own
+# (nothing saved): the backward pass then holds one layer's recomputed activations at a time
+# instead of a whole block's (SDXL's 64x64 up block has six transformer layers, each with
+# 10 x 4096^2 fp32 attention probabilities per image).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "layers": jax.checkpoint_policies.nothing_saveable,
+}
+_LAYER_LISTS = ("transformer_blocks", "resnets")  # what "layers" checkpoints one by one
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -687,7 +703,8 @@ class UpBlock2D(nnx.Module):
 class UNet2DConditionModel(nnx.Module):
     """diffusers' UNet2DConditionModel in NNX (NHWC). See the module docstring."""
 
-    def __init__(self, config: UNetConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: UNetConfig, *, dtype=None, param_dtype=jnp.float32, remat: str = "none",
+                 rngs: nnx.Rngs):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         boc = c.block_out_channels
@@ -695,6 +712,7 @@ class UNet2DConditionModel(nnx.Module):
         ted = c.time_embed_dim
         self.config = c
         self.dtype = dtype
+        self.remat = check_remat(remat)  # default policy of __call__ (a call may override it)
 
         self.conv_in = Conv2d(c.in_channels, boc[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2, **kw)
         self.time_proj = Timesteps(boc[0], c.flip_sin_to_cos, c.freq_shift)
@@ -761,10 +779,14 @@ class UNet2DConditionModel(nnx.Module):
         *,
         added_cond: Mapping[str, jax.Array] | None = None,
         probe_tokens: jax.Array | None = None,
+        remat: str | None = None,
     ) -> UNetOutput:
         """sample [B,H,W,C] NHWC; timesteps scalar or [B]; encoder_hidden_states [B,S,D];
-        added_cond {"text_embeds": [B,P], "time_ids": [B,6]} (SDXL); probe_tokens int [B,K]."""
+        added_cond {"text_embeds": [B,P], "time_ids": [B,6]} (SDXL); probe_tokens int [B,K];
+        remat: none | full | dots | layers (see REMAT_POLICIES; None: the module's ``remat``).
+        Remat changes memory and time of the backward pass only, never the values."""
         c = self.config
+        policy = check_remat(self.remat if remat is None else remat)
         dtype = self.dtype or sample.dtype
         b = sample.shape[0]
         x = sample.astype(dtype)
@@ -788,12 +810,12 @@ class UNet2DConditionModel(nnx.Module):
         x = self.conv_in(x)
         skips: list[jax.Array] = [x]
         for i, block in enumerate(self.down_blocks):
-            x, res, p = block(x, emb, context, probe_tokens)
+            x, res, p = _call_block(block, policy, x, emb, context, probe_tokens)
             skips.extend(res)
             probes.update(_prefixed(f"down_blocks.{i}", p))
 
         if self.mid_block is not None:
-            x, p = self.mid_block(x, emb, context, probe_tokens)
+            x, p = _call_block(self.mid_block, policy, x, emb, context, probe_tokens)
             probes.update(_prefixed("mid_block", p))
 
         # like diffusers: pass explicit upsample sizes only when H or W is not a multiple of 2**n_up
@@ -803,9 +825,57 @@ class UNet2DConditionModel(nnx.Module):
             k = len(block.resnets)
             res, skips = tuple(skips[-k:]), skips[:-k]
             size = tuple(skips[-1].shape[1:3]) if forward_size and i < n_up else None
-            x, p = block(x, res, emb, context, probe_tokens, upsample_size=size)
+            x, p = _call_block(block, policy, x, res, emb, context, probe_tokens, upsample_size=size)
             probes.update(_prefixed(f"up_blocks.{i}", p))
 
         x = get_activation(c.act_fn)(self.conv_norm_out(x))
         x = self.conv_out(x)
         return UNetOutput(sample=x, attn_probes=probes)
+
+
+def check_remat(remat: str) -> str:
+    """Validate a remat policy name (none | full | dots | layers)."""
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    return remat
+
+
+def _checkpointed(module: nnx.Module, policy: Any, *args: Any, **static: Any) -> Any:
+    """``module(*args, **static)`` under jax.checkpoint(policy). The module goes in as (graphdef,
+    state) so jax.checkpoint sees its parameters as inputs (their gradients flow through the
+    rematerialized computation); ``static`` (Python values such as the up blocks' upsample size)
+    stays out of the traced arguments."""
+    graphdef, state = nnx.split(module)
+
+    def run(state: nnx.State, *args: Any) -> Any:
+        return nnx.merge(graphdef, state)(*args, **static)
+
+    return jax.checkpoint(run, policy=policy)(state, *args)
+
+
+class _CheckpointedLayer(nnx.Module):
+    """A transformer layer / resnet that runs under jax.checkpoint (nothing saved)."""
+
+    def __init__(self, inner: nnx.Module):
+        self.inner = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _checkpointed(self.inner, REMAT_POLICIES["layers"], *args, **kwargs)
+
+
+def _call_block(block: nnx.Module, remat: str, *args: Any, **static: Any) -> Any:
+    """``block(*args, **static)`` under the named remat policy ("none": as it is)."""
+    if remat == "none":
+        return block(*args, **static)
+    if remat == "layers":
+        # a throwaway copy of the block (same arrays) whose layers are wrapped: the caller's
+        # module, and so its parameter paths, stay as they are
+        copy = nnx.merge(*nnx.split(block))
+        for _, module in list(copy.iter_modules()):
+            for name in _LAYER_LISTS:
+                layers = getattr(module, name, None)
+                if isinstance(layers, nnx.List):
+                    for i in range(len(layers)):
+                        layers[i] = _CheckpointedLayer(layers[i])
+        return copy(*args, **static)
+    return _checkpointed(block, REMAT_POLICIES[remat], *args, **static)

@@ -1,0 +1,121 @@
+"""launch/bench.py (jaxforget vs the PyTorch reference in launch/bench_reference.py), on a tiny config.
+
+The two halves of a benchmark cell run on one diffusers folder (a one-level UNet built by
+bench.build_random_folder beside the shipped toy-world text encoder), the same batch and the same
+(t, ε) draws. Checked: the losses, their terms and the pre-clipping gradient norm agree at step 0
+(relative 1e-4: fp32 convolutions / matmuls in different libraries; measured ~1e-7) and after
+one AdamW step (relative 1e-3: Adam's normalized update amplifies the last-bit differences of
+tiny gradient entries); the trainable counts agree; and the command line writes a table and a
+JSON file with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+
+import bench  # noqa: E402
+import bench_reference  # noqa: E402
+
+# one resolution level (compile time), still two cross-attention layers (down and up) + mid
+TINY = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+    "block_out_channels": [32], "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D"], "cross_attention_dim": 64, "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+STEP0_RTOL = 1e-4
+STEP1_RTOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    folder = bench.build_random_folder(root / "tiny", TINY, seed=1)
+    return root, folder
+
+
+def _cell(tiny, method):
+    root, folder = tiny
+    # threads=1: the in-process torch half must not fight the other test processes with OpenMP
+    return bench.prepare_cell(method, "tiny", folder, root, batch=2, steps=1, warmup=1, replay_images=2,
+                              sampler_steps=2, guidance=1.0, device="cpu", threads=1)
+
+
+def _close(a, b, rtol, what):
+    assert abs(a - b) <= rtol * max(abs(b), 1e-8), (what, a, b, abs(a - b) / max(abs(b), 1e-12))
+
+
+@pytest.mark.parametrize("method", ["dfr", "duge"])
+def test_jax_and_torch_agree_on_the_same_batch(tiny, method):
+    cell = _cell(tiny, method)
+    cell.jax = bench.run_jax_worker(cell.spec)
+    cell.torch = bench_reference.run_worker(cell.spec)
+    j, t = cell.jax, cell.torch
+
+    assert j["n_trainable"] == t["n_trainable"] > 0
+    if method == "duge":  # attn2 only
+        assert j["n_trainable"] < bench._unet_param_count(tiny[1])
+    terms = ("unlearn", "preserve", "reg") if method == "dfr" else ("eps", "attn", "prior")
+    m_j, m_t = j["metrics"][0], t["metrics"][0]
+    # at step 0 the student is θ_{k-1}: DFR's distillation and L2 terms are exactly zero on both sides
+    zero_at_0 = ("preserve", "reg") if method == "dfr" else ()
+    for k in ("loss", "grad_norm", *terms):
+        if k in zero_at_0:
+            assert m_j[k] == 0.0 and m_t[k] == 0.0, (k, m_j[k], m_t[k])
+            continue
+        assert m_t[k] > 0, (k, m_t[k])
+        _close(m_j[k], m_t[k], STEP0_RTOL, f"step 0 {k}")
+    # one AdamW step later (same draws): still the same trajectory
+    _close(j["losses"][1], t["losses"][1], STEP1_RTOL, "step 1 loss")
+    if method == "dfr":  # after the update both terms are > 0; both moved the same parameters alike
+        for k in zero_at_0:
+            assert j["metrics"][1][k] > 0
+            _close(j["metrics"][1][k], t["metrics"][1][k], 1e-2, f"step 1 {k}")
+
+    s = bench.summarize(cell, request_steps=10)
+    assert s["loss0_rel_diff"] <= STEP0_RTOL
+    for k in ("step_ratio", "jax_steps_per_s", "torch_steps_per_s", "jax_peak_rss_mb", "torch_peak_rss_mb",
+              "request_ratio_warm", "request_ratio_cold", "jax_gen_warm_s", "torch_gen_warm_s"):
+        assert np.isfinite(s[k]) and s[k] > 0, k
+    # the whole-request figures are composed of the measured parts
+    assert s["jax_request_warm_s"] == pytest.approx(j["gen_warm_s"] + 10 * j["step_median_s"])
+    # both teachers produced finite latents of the same spread (same sampler, same weights)
+    assert j["gen_latent_std"] == pytest.approx(t["gen_latent_std"], rel=0.5)
+    assert "loss0 rel diff" in bench.main_table([s]).splitlines()[0]
+
+
+@pytest.mark.slow  # ~70 s: two fresh worker processes, the jax one compiles without a cache
+def test_command_line_writes_table_and_json(tiny, tmp_path, capsys):
+    _, folder = tiny
+    out = tmp_path / "bench.json"
+    bench.main(["--model-dir", str(folder), "--method", "dfr", "--batch", "2", "--steps", "1", "--warmup", "1",
+                "--replay-images", "2", "--sampler-steps", "2", "--threads", "1", "--request-steps", "5",
+                "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "step ratio" in text and "req ratio warm" in text and "dfr" in text
+    report = json.loads(out.read_text())
+    (res,) = report["results"]
+    s = res["summary"]
+    for k in ("jax_steps_per_s", "torch_steps_per_s", "step_ratio", "jax_peak_rss_mb", "torch_peak_rss_mb",
+              "jax_compile_s", "jax_request_warm_s", "torch_request_warm_s", "request_ratio_warm",
+              "request_ratio_cold", "loss0_rel_diff"):
+        assert isinstance(s[k], (int, float)) and np.isfinite(s[k]), k
+    assert s["loss0_rel_diff"] <= STEP0_RTOL
+    assert res["jax"]["framework"] == "jax" and res["torch"]["framework"] == "torch"
+    assert res["jax"]["threads"] == 1 and res["torch"]["threads"] == 1  # pinned workers
+
+
+def test_width_scaling_config():
+    cfg = bench.small_sd_unet_config(32)
+    assert cfg["block_out_channels"] == [32, 64, 128, 128]
+    assert bench.scaled_unet_config(cfg, 2)["block_out_channels"] == [64, 128, 256, 256]
+    with pytest.raises(ValueError):
+        bench.scaled_unet_config(cfg, 1.5)  # 48 channels: not divisible into 32 groups
