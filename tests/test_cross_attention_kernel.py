@@ -2,7 +2,8 @@
 
 Tolerances: fp32 values and gradients within 1e-5 relative to the reference's max magnitude
 (measured ~5e-7); bf16 inputs within 2e-2 absolute on out / 1e-2 on target_prob (bf16 has an
-8-bit mantissa; softmax and target_prob stay fp32 in both paths).
+8-bit mantissa; softmax and target_prob stay fp32 in both paths). ``layers.attention`` with a
+``TargetMask`` and DUGE with ``attention_kernel="pallas"``: 1e-5 relative (see their sections).
 """
 
 import jax
@@ -18,8 +19,13 @@ from jaxforget.kernels import (
     target_mask_from_tokens,
     xla_cross_attention,
 )
+from jaxforget import schedulers as S
+from jaxforget.errors import ConfigError
+from jaxforget.methods import base as MB
+from jaxforget.methods import duge
 from jaxforget.methods.base import span_sum
-from jaxforget.models.layers import attention
+from jaxforget.models.layers import TargetMask, attention
+from test_methods_dfr_duge import jit, merge_states, world  # noqa: F401  (world: pytest fixture)
 
 B, H, NQ, D = 2, 2, 64, 8
 BLOCK_Q = 32  # two query blocks, so the tiling and the backward loop are exercised
@@ -148,3 +154,129 @@ def test_matches_layers_attention_probes_span_sum():
                                           interpret=True, block_q=BLOCK_Q)
     assert _rel(flat(out), ref_out) < 1e-5
     assert _rel(tp, span_sum(probes, span)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- layers.attention(TargetMask)
+# Tolerance: 1e-5 relative to the reference's max magnitude, values and gradients (fp32; only
+# summation order differs from the XLA int-probe path + span_sum).
+POS = jnp.array([[3, 4, 5, 0], [10, 11, 10, 0]], jnp.int32)  # row 1 probes position 10 twice
+SPAN = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0]], jnp.float32)
+
+
+def _count_pallas(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
+
+
+def _flat_inputs(nq: int, seed: int = 3):
+    q, k, v, _ = _inputs(77, nq=nq, seed=seed)
+    flat = lambda x: x.transpose(0, 2, 1, 3).reshape(B, x.shape[2], H * D)  # noqa: E731
+    return flat(q), flat(k), flat(v)
+
+
+@pytest.mark.parametrize("nq", [64, 48])  # 64: the Pallas kernel (interpret on CPU); 48: XLA fallback
+def test_attention_target_mask_matches_probe_span_sum(nq):
+    q, k, v = _flat_inputs(nq)
+    tm = TargetMask.from_positions(POS, SPAN, 77)
+    assert tm.weights.shape == (B, 77) and float(tm.weights[1, 10]) == 2.0
+
+    def fused(q, k, v):
+        return attention(q, k, v, H, probe_tokens=tm)
+
+    def ref(q, k, v):
+        out, probes = attention(q, k, v, H, probe_tokens=POS)
+        return out, span_sum(probes, SPAN)[..., None]
+
+    assert _count_pallas(fused, q, k, v) == (1 if nq == 64 else 0)
+    (out, tp), (r_out, r_tp) = jax.jit(fused)(q, k, v), ref(q, k, v)
+    assert tp.shape == (B, H, nq, 1) and tp.dtype == jnp.float32 and out.shape == (B, nq, H * D)
+    assert float(r_tp.max()) > 0.2  # the targets get real mass
+    errs = {"out": _rel(out, r_out), "probes": _rel(tp, r_tp)}
+
+    def loss(fn):
+        def f(q, k, v):
+            o, p = fn(q, k, v)
+            return jnp.sum(jnp.sin(o) * o) + 3.0 * jnp.sum((p - 0.1) ** 2)
+        return f
+
+    got = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    errs.update({f"d{n}": _rel(g, w) for n, g, w in zip("qkv", got, want)})
+    assert all(float(jnp.abs(w).max()) > 1e-3 for w in want)
+    assert max(errs.values()) < 1e-5, errs
+    print(f"nq={nq}: max rel err {max(errs.values()):.2e}")
+
+
+# ----------------------------------------------------------------------------- DUGE attention_kernel
+# Tolerance: 1e-5 relative (loss and metrics; each gradient leaf relative to its max magnitude).
+# The two paths differ only in fp32 summation order (measured ~1e-7 .. 1e-6).
+DUGE_RTOL = 1e-5
+NK_PROBS = (2, 2, 64, 7)  # [B, heads, HW, Nk] of the tiny UNet's cross-attention probabilities
+
+
+def _shapes_in_jaxpr(closed) -> list[tuple[int, ...]]:
+    shapes = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            shapes.extend(tuple(getattr(o.aval, "shape", ())) for o in eqn.outvars)
+            for p in eqn.params.values():
+                for inner in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(inner, "jaxpr", inner)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed.jaxpr)
+    return shapes
+
+
+def _duge_vg(w, kernel: str, remat: str = "none"):
+    fn = MB.UNetFn(w["graphdef"], merge_states, remat=remat)
+    m = duge.build(duge.Config(gamma=2.0, lambda_pr=0.5, attention_kernel=kernel), fn, S.make_schedule())
+    return m, jax.value_and_grad(m.loss, argnums=0, has_aux=True)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_duge_pallas_matches_xla(world, remat):
+    w = world
+    args = (w["params"], w["frozen"], w["batch"], jax.random.PRNGKey(21))
+    _, ref_vg = _duge_vg(w, "xla")
+    _, vg = _duge_vg(w, "pallas", remat)
+    if "ref" not in w["vg"]:  # shared by both parametrizations
+        w["vg"]["ref"] = jit(ref_vg)(*args)
+    (r_loss, r_met), r_grads = w["vg"]["ref"]
+    (loss, met), grads = jit(vg)(*args)
+
+    errs = {k: abs(float(met[k]) - float(r_met[k])) / abs(float(r_met[k])) for k in r_met}
+    assert float(r_met["attn"]) > 0 and set(met) == set(r_met)
+    leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
+    r_leaves = jax.tree.leaves(r_grads)
+    assert len(leaves) == len(r_leaves)
+    g_err = 0.0
+    for (path, g), r in zip(leaves, r_leaves):
+        assert g.shape == r.shape
+        scale = float(jnp.abs(r).max())
+        assert scale > 0, jax.tree_util.keystr(path)
+        g_err = max(g_err, _rel(g, r))
+    assert max(errs.values()) < DUGE_RTOL and g_err < DUGE_RTOL, (errs, g_err)
+    print(f"remat={remat}: max rel err metrics {max(errs.values()):.2e}, grads {g_err:.2e}")
+
+    # the fused path never builds a [B, heads, HW, Nk] tensor (forward or backward); XLA does
+    jaxpr = jax.make_jaxpr(vg)(*args)
+    shapes = _shapes_in_jaxpr(jaxpr)
+    assert len(shapes) > 100 and NK_PROBS not in shapes
+    text = str(jaxpr)
+    # 4 attn2 layers x (student fwd + bwd, teacher fwd, prior-call fwd + bwd)
+    # remat="full": the backward recomputes the 8 student forward kernels (remat really applies)
+    assert text.count("pallas_call") == 20 + (8 if remat == "full" else 0)
+    if remat == "none":
+        assert NK_PROBS in _shapes_in_jaxpr(jax.make_jaxpr(ref_vg)(*args))
+
+
+def test_duge_attention_kernel_config_errors(world):
+    sch = S.make_schedule()
+    for cfg in (duge.Config(attention_kernel="triton"),
+                duge.Config(attn_mode="fmn", attention_kernel="pallas")):
+        with pytest.raises(ConfigError, match="attention_kernel"):
+            duge.build(cfg, world["unet_fn"], sch)
+    duge.build(duge.Config(attention_kernel="pallas"), world["unet_fn"], sch)  # match + pallas is fine
+    duge.build(duge.Config(attn_mode="fmn", attention_kernel="xla"), world["unet_fn"], sch)

@@ -7,6 +7,9 @@ The toy-world quality figures (UA / retention) are in tests/test_toyworld_unlear
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import json
 import os
 import signal
@@ -60,8 +63,18 @@ def _snapshot_params(run_dir: Path, snap: int) -> dict[str, np.ndarray]:
 def dfr_run(model_dir, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dfr")
     req = _requests(root / "req.txt", "# two requests\ncat -> dog\nvan gogh -> painting | related: dog\n")
-    assert _unlearn(model_dir, root / "run", req) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _unlearn(model_dir, root / "run", req) == 0
+    (root / "stdout.txt").write_text(out.getvalue())
     return root / "run", req
+
+
+def test_second_request_reuses_the_compiled_step(dfr_run):
+    # both requests' steps are one program (request data are arguments): traced and compiled once
+    log = (dfr_run[0].parent / "stdout.txt").read_text()
+    assert log.count("train step compiled") == 1, log
+    assert "request 2 'van gogh' -> 'painting': snapshot 2" in log
 
 
 def test_snapshots_ledger_and_resume(dfr_run, model_dir, capsys):

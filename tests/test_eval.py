@@ -423,3 +423,20 @@ def test_detection_table_tracks_each_concept_over_requests(tmp_path):
     page = R.write_html_report(tmp_path, rows, {}).read_text()
     assert "Judge detection per concept" in page and "max_drop" in page
     assert R.detection_table([{"k": 0, "UA": 1.0}]) == []
+
+
+def test_fid_proxy_leaves_out_the_removed_concepts_prompts(tiny_model, first_eval):
+    # first_eval removed circle: its prompts ("... circle ...") are not in the FID sets
+    plan = E._plan(CAT, CFG)
+    n = CFG.images_per_prompt
+    feats, _ = E.retained_features(first_eval.features, PixelJudge(), CAT, CFG, ["circle"])
+    kept = [p for p in plan.unique if "circle" not in plan.users[p] and "circle" not in p]
+    assert 0 < len(kept) < len(plan.unique) and feats.shape[0] == len(kept) * n
+    rows = [i for i, p in enumerate(plan.unique) if p in kept]
+    np.testing.assert_array_equal(feats, np.concatenate([first_eval.features[i * n:(i + 1) * n] for i in rows]))
+    # nothing removed: every prompt; a given aligned reference is cut to the same rows
+    all_feats, _ = E.retained_features(first_eval.features, PixelJudge(), CAT, CFG, [])
+    assert all_feats.shape == first_eval.features.shape
+    ref = first_eval.features + 1.0
+    f2, r2 = E.retained_features(first_eval.features, PixelJudge(), CAT, CFG, ["circle"], reference=ref)
+    np.testing.assert_array_equal(r2, f2 + 1.0)

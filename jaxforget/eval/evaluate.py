@@ -14,6 +14,8 @@ evaluation prompts with fixed seeds, let a judge read the images, and score them
   stored; the key is combined with the eval config, the judge and the prompt list, so a changed
   config never reads a stale entry. The metrics are recomputed from it every time (they also
   depend on ``removed`` / ``current`` and the reference set, and cost milliseconds).
+- FID proxy: judge features of the images of the prompts that should still be drawn (prompts of
+  removed concepts left out) against rendered scenes of the same prompts (``retained_features``).
 """
 
 from __future__ import annotations
@@ -234,6 +236,34 @@ def reference_features(
     return feats
 
 
+def retained_features(
+    features: np.ndarray, judge: Any, catalogue: Any, cfg: EvalConfig, gone: Sequence[str], *,
+    reference: np.ndarray | None = None, cache_dir: str | Path | None = None, plan: Any = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The FID proxy's two feature sets, restricted to the prompts that still should be drawn:
+    prompts evaluated for, or mentioning, a removed concept (``gone``) are left out, since the
+    unlearned model is meant to draw something else there (counting them would charge every
+    successful removal as a quality loss). Returns (generated features of the kept prompts,
+    reference: rendered scenes of the kept prompts for a toy-world catalogue, or the rows of a
+    given ``reference`` aligned with ``features`` (e.g. the base model's), or the given one as is)."""
+    plan = plan or _plan(catalogue, cfg)
+    n = cfg.images_per_prompt
+    words = [g.lower() for g in gone if g]
+    keep = [i for i, p in enumerate(plan.unique)
+            if not {u.lower() for u in plan.users[p]} & set(words)
+            and not any(re.search(rf"\b{re.escape(w)}\b", p.lower()) for w in words)]
+    aligned = len(features) == len(plan.unique) * n
+    rows = (np.concatenate([np.arange(i * n, (i + 1) * n) for i in keep]) if keep else np.zeros(0, int)) \
+        if aligned else np.arange(len(features))
+    if reference is None:
+        if cfg.fid_reference_images > 1 and _is_toyworld(catalogue) and keep:
+            reference = reference_features(judge, catalogue, [plan.unique[i] for i in keep],
+                                           cfg.fid_reference_images, cache_dir=cache_dir)
+    elif aligned and len(reference) == len(features):
+        reference = reference[rows]
+    return features[rows], reference
+
+
 def _is_toyworld(catalogue: Any) -> bool:
     from jaxforget.toyworld.catalogue import Catalogue
 
@@ -397,12 +427,13 @@ def evaluate_model(
 
     features = arrays["features"]
     metrics = continual_metrics(judged["detection"], removed, current, catalogue)
-    if reference is None and cfg.fid_reference_images > 1 and _is_toyworld(catalogue):
-        reference = reference_features(judge, catalogue, plan.unique, cfg.fid_reference_images, cache_dir=cache_dir)
-    ok = reference is not None and len(reference) > 1 and len(features) > 1
-    metrics["fid_proxy"] = frechet_distance(features, reference) if ok else math.nan
+    gone = [c for c, _ in removed] + ([current[0]] if current else [])
+    feats, ref = retained_features(features, judge, catalogue, cfg, gone, reference=reference, cache_dir=cache_dir,
+                                   plan=plan)
+    ok = ref is not None and len(ref) > 1 and len(feats) > 1
+    metrics["fid_proxy"] = frechet_distance(feats, ref) if ok else math.nan
     if feature_kind(judge) == "clip":
-        metrics["cmmd"] = cmmd(features, reference) if ok else math.nan
+        metrics["cmmd"] = cmmd(feats, ref) if ok else math.nan
     metrics["alignment"] = float(judged["alignment_mean"])
     return EvalResult(
         detection=dict(judged["detection"]),
@@ -420,4 +451,4 @@ def evaluate_model(
     )
 
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate_model", "prompt_seed", "reference_features"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate_model", "prompt_seed", "reference_features", "retained_features"]

@@ -5,7 +5,8 @@ run's report (grid per request, curves, metrics.json/csv, report.html). Also the
 
 Every row also carries the base model's scores on the same concept sets (``UA_base``,
 ``IRA_base``, ``CRA_base``, ``NRA_base``, ``ACC_base``) and ``fid_ratio`` = FID proxy / the base
-model's: benchmark.md's "× base" targets compare like with like. With the attack on
+model's on the same retained prompts (both leave out the prompts of removed concepts; see
+``evaluate.retained_features``): benchmark.md's "× base" targets compare like with like. With the attack on
 (``AttackConfig.enabled``), rows get ``attack_success`` / ``attack_before`` and
 ``attack_success/<concept>`` for every removed concept (see ``jaxforget.eval.attack``).
 """
@@ -22,9 +23,9 @@ from typing import Any, Callable, Sequence
 
 from jaxforget.eval import report as R
 from jaxforget.eval.attack import AttackConfig, attack_concepts, attack_grid, attack_row
-from jaxforget.eval.evaluate import EvalConfig, EvalResult, evaluate_model
+from jaxforget.eval.evaluate import EvalConfig, EvalResult, evaluate_model, retained_features
 from jaxforget.eval.judges import load_judge
-from jaxforget.eval.metrics import continual_metrics
+from jaxforget.eval.metrics import continual_metrics, frechet_distance
 
 RELATIVE = ("UA", "IRA", "CRA", "NRA", "ACC")
 
@@ -98,7 +99,10 @@ class RunEvaluator:
         ref = continual_metrics(base.detection, pairs[:-1] if pairs else (), pairs[-1] if pairs else None,
                                 self.catalogue)
         out = {f"{m}_base": ref[m] for m in RELATIVE}
-        fid, fid0 = result.metrics.get("fid_proxy", math.nan), base.metrics.get("fid_proxy", math.nan)
+        # the base model's FID proxy on the same (retained) prompts as ``result``'s
+        feats, ref = retained_features(base.features, self.judge, self.catalogue, self.cfg, list(removed))
+        fid0 = frechet_distance(feats, ref) if ref is not None and len(ref) > 1 and len(feats) > 1 else math.nan
+        fid = result.metrics.get("fid_proxy", math.nan)
         out["fid_ratio"] = fid / fid0 if fid0 and math.isfinite(fid0) and math.isfinite(fid) else math.nan
         return out
 

@@ -15,6 +15,14 @@ t ~ U{0..t_max}, with T_f the target positions in p_f and T_m the anchor positio
 - ``attn_mode="fmn"``: ``L_attn = ‖concat_ℓ A^θ_ℓ(x_t, p_f)[..., T_f]·mask‖_F`` (Forget-Me-Not
   re-steering: push the target's attention mass down, no teacher map).
 
+``attention_kernel="pallas"`` (match mode only) computes agg inside the fused Pallas
+cross-attention kernel (``jaxforget/kernels/cross_attention.py``, via
+``layers.TargetMask``): the UNet is probed with dense key weights instead of positions, so no
+[B, heads, HW, Nk] fp32 probability tensor exists in the forward pass or among the backward
+residuals of any attn2 layer (the XLA default keeps them all alive until the backward pass); the
+prior-preservation call runs fused as well (all-zero weights, map unused).
+Same values up to fp32 summation order. fmn needs the per-position maps, so it stays on XLA.
+
 ℓ runs over the ``attn2`` layers whose dotted path (the keys of ``UNetOutput.attn_probes``, e.g.
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``) matches the regex ``layers``
 (``re.search``; "" = all).
@@ -49,9 +57,11 @@ from flax import nnx
 from jaxforget import schedulers as S
 from jaxforget.errors import ConfigError
 from jaxforget.methods import base as B
+from jaxforget.models.layers import TargetMask
 
 NAME = "duge"
 ATTN_MODES = ("match", "fmn")
+ATTENTION_KERNELS = ("xla", "pallas")
 
 
 @dataclass(frozen=True)
@@ -61,11 +71,18 @@ class Config:
     attn_mode: str = "match"  # "match" (steer toward prev's anchor maps) | "fmn" (minimize)
     layers: str = ""  # regex over attn2 layer paths (re.search); "" = all cross-attention layers
     t_max: int = 999  # t ~ U{0..t_max} for L_U
+    attention_kernel: str = "xla"  # "xla" (reference) | "pallas" (fused agg, match mode only)
 
 
 def validate(cfg: Config, schedule: S.NoiseSchedule) -> None:
     if cfg.attn_mode not in ATTN_MODES:
         raise ConfigError(f"duge.attn_mode={cfg.attn_mode!r} is not supported (use one of {', '.join(ATTN_MODES)})")
+    if cfg.attention_kernel not in ATTENTION_KERNELS:
+        raise ConfigError(f"duge.attention_kernel={cfg.attention_kernel!r} is not supported "
+                          f"(use one of {', '.join(ATTENTION_KERNELS)})")
+    if cfg.attention_kernel == "pallas" and cfg.attn_mode != "match":
+        raise ConfigError(f"duge.attention_kernel='pallas' needs attn_mode='match' (attn_mode="
+                          f"{cfg.attn_mode!r} reads per-position maps; use attention_kernel='xla')")
     try:
         re.compile(cfg.layers)
     except re.error as e:
@@ -113,20 +130,30 @@ class DUGE:
         prev = jax.lax.stop_gradient(frozen.prev)
 
         x_t, t, _ = B.noisy(self.schedule, batch["mapped_z0"], k_u, t_max=cfg.t_max)
-        pred, probes = f(student, x_t, t, **B.cond(batch, "forget"), probe_tokens=batch["forget_pos"])
         match = cfg.attn_mode == "match"
+        fused = cfg.attention_kernel == "pallas"  # validate(): only with match
+        fmask = batch["forget_pos_mask"]
+        if fused:
+            # agg computed inside the kernel: probes are [B, heads, HW, 1] masked row-sums
+            f_probe = TargetMask.from_positions(batch["forget_pos"], fmask, batch["forget_ctx"].shape[1])
+            m_probe = TargetMask.from_positions(batch["mapped_pos"], batch["mapped_pos_mask"],
+                                                batch["mapped_ctx"].shape[1])
+            agg = lambda p, _mask: p[..., 0].astype(jnp.float32)  # noqa: E731
+        else:
+            f_probe, m_probe = batch["forget_pos"], batch["mapped_pos"]
+            agg = lambda p, mask: B.span_sum(p.astype(jnp.float32), mask)  # noqa: E731
+        pred, probes = f(student, x_t, t, **B.cond(batch, "forget"), probe_tokens=f_probe)
         target, t_probes = f(prev, x_t, t, **B.cond(batch, "mapped"),
-                             probe_tokens=batch["mapped_pos"] if match else None)
+                             probe_tokens=m_probe if match else None)
         l_eps = B.mse(pred, jax.lax.stop_gradient(target))
 
-        fmask = batch["forget_pos_mask"]
         layers = select_layers(tuple(probes), cfg.layers)
         if match:
             mmask = batch["mapped_pos_mask"]
             l_attn = jnp.zeros((), jnp.float32)
             for name in layers:
-                a = B.span_sum(probes[name].astype(jnp.float32), fmask)
-                b = jax.lax.stop_gradient(B.span_sum(t_probes[name].astype(jnp.float32), mmask))
+                a = agg(probes[name], fmask)
+                b = jax.lax.stop_gradient(agg(t_probes[name], mmask))
                 l_attn = l_attn + B.mse(a, b)
         else:
             sq = jnp.zeros((), jnp.float32)
@@ -137,7 +164,10 @@ class DUGE:
 
         z0 = batch["prior_z0"]
         x_t, t, eps = B.noisy(self.schedule, z0, k_pr)
-        pred, _ = f(student, x_t, t, **B.cond(batch, "prior"))
+        # with the kernel, the prior call runs fused too (zero weights, map discarded), so that no
+        # student call keeps [B, heads, HW, Nk] probabilities as backward residuals
+        p_probe = TargetMask(jnp.zeros(batch["prior_ctx"].shape[:2], jnp.float32)) if fused else None
+        pred, _ = f(student, x_t, t, **B.cond(batch, "prior"), probe_tokens=p_probe)
         l_pr = B.mse(pred, S.training_target(self.schedule, z0.astype(jnp.float32), eps, t))
         return {"eps": l_eps, "attn": l_attn, "prior": l_pr}
 

@@ -15,11 +15,13 @@ Conventions (the io tables rely on them):
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxforget.kernels import cross_attention as _xattn
 
 Axes = tuple[str | None, ...]
 
@@ -195,6 +197,26 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
 
+class TargetMask(NamedTuple):
+    """Key weights for the fused target-probability map, passed where ``probe_tokens`` goes.
+
+    ``attention(..., probe_tokens=TargetMask(w))`` returns, instead of per-position probabilities,
+    ``Σ_j w[b, j] · softmax(q kᵀ/√d)[b, h, i, j]`` as [B, heads, Lq, 1] fp32 (the masked span sum
+    the attention-map losses read), via the Pallas kernel where it applies: the
+    [B, heads, Lq, Lk] probabilities then exist neither in the forward pass nor as backward
+    residuals. A NamedTuple is a pytree, so it passes through the UNet blocks and their
+    jax.checkpoint (remat) wrappers like an array."""
+
+    weights: jax.Array  # [B, Lk] float (1 at target key positions; any weights: the map is linear)
+
+    @classmethod
+    def from_positions(cls, positions: jax.Array, mask: jax.Array, num_keys: int) -> "TargetMask":
+        """Dense weights from probed positions int [B, K] and their span mask [B, K] (scatter-add of
+        mask at positions), so the result equals ``methods.base.span_sum(probes, mask)`` of the
+        ``probe_tokens=positions`` path (a position listed twice counts twice, as there)."""
+        return cls(_xattn.target_mask_from_tokens(positions, mask, num_keys))
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -202,14 +224,17 @@ def attention(
     num_heads: int,
     *,
     mask: jax.Array | None = None,
-    probe_tokens: jax.Array | None = None,
+    probe_tokens: jax.Array | TargetMask | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Multi-head scaled dot-product attention with an fp32 softmax.
 
     q: [B, Lq, H*D], k/v: [B, Lk, H*D]. mask: additive, broadcastable to [B, H, Lq, Lk].
     probe_tokens: int [B, K] key positions whose probabilities are returned as
-    [B, H, Lq, K] fp32 (the cross-attention maps the unlearning losses read). Returns
-    (output [B, Lq, H*D] in q's dtype, probes or None).
+    [B, H, Lq, K] fp32 (the cross-attention maps the unlearning losses read); or a
+    ``TargetMask`` ([B, Lk] weights): probes = the weighted row-sum of the probabilities,
+    [B, H, Lq, 1] fp32, computed by the fused Pallas kernel (interpret mode on CPU) when Lq tiles
+    (``kernels.cross_attention.pick_block_q``) and no additive mask is given, else by XLA.
+    Returns (output [B, Lq, H*D] in q's dtype, probes or None).
     """
     b, lq, inner = q.shape
     lk = k.shape[1]
@@ -217,6 +242,11 @@ def attention(
     qh = q.reshape(b, lq, num_heads, d)
     kh = k.reshape(b, lk, num_heads, d)
     vh = v.reshape(b, lk, num_heads, d)
+    if isinstance(probe_tokens, TargetMask) and mask is None and _xattn.pick_block_q(lq) is not None:
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, L, H, D] -> [B, H, L, D]
+        out, tp = _xattn.fused_cross_attention(heads_first(qh), heads_first(kh), heads_first(vh),
+                                               probe_tokens.weights, scale=1.0 / math.sqrt(d))
+        return heads_first(out).reshape(b, lq, inner), tp[..., None]
     scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(d))
     if mask is not None:
@@ -224,7 +254,10 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), vh).reshape(b, lq, inner)
     probes = None
-    if probe_tokens is not None:
+    if isinstance(probe_tokens, TargetMask):  # XLA fallback of the fused map
+        w = probe_tokens.weights.astype(jnp.float32)[:, None, None, :]
+        probes = jnp.sum(probs * w, axis=-1, keepdims=True)
+    elif probe_tokens is not None:
         idx = probe_tokens[:, None, None, :]  # [B,1,1,K]
         probes = jnp.take_along_axis(probs, jnp.broadcast_to(idx, (b, num_heads, lq, idx.shape[-1])), axis=-1)
     return out, probes

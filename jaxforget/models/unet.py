@@ -12,7 +12,10 @@ backward pass, ``"dots"`` saves only matmul outputs; see ``REMAT_POLICIES``).
 
 Cross-attention maps: when ``probe_tokens`` (int [B, K]) is given, every ``attn2`` returns its
 fp32 attention probabilities at those key positions, [B, heads, H*W, K], and the UNet returns
-them keyed by the layer's dotted path (``UNetOutput.attn_probes``).
+them keyed by the layer's dotted path (``UNetOutput.attn_probes``). ``probe_tokens`` may instead
+be a ``layers.TargetMask`` (weights [B, Nk]): every ``attn2`` then returns the weighted row-sum of
+its probabilities, [B, heads, H*W, 1], computed by the fused Pallas kernel where it applies
+(DUGE's ``attention_kernel: pallas``), so no [B, heads, H*W, Nk] tensor is kept.
 """
 
 from __future__ import annotations
