@@ -715,6 +715,9 @@ class ContinualRun:
                                  f"(compute {cfg.compute_dtype}, remat {cfg.remat})")
                         if sig:
                             self._compiled_steps[sig] = compiled
+                    else:
+                        self.log(f"request {index + 1} '{req.target}': train step reused "
+                                 f"(same program as an earlier request)")
                 params, opt_state, metrics = compiled(params, opt_state, frozen, batch, rng)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):

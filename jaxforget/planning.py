@@ -653,7 +653,12 @@ class Plan:
 # merge (quadratic): with SDXL's ~1,700 gradient all-reduces it ran 10+ minutes at 12 GiB RSS
 # without finishing. Merging collectives changes neither FLOPs nor collective bytes, and left
 # unmerged the CPU temp size is no larger (tests/test_planning.py measures both ways).
-CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}
+# LLVM's optimisation of the generated CPU code is skipped too: the plan reads the compiled
+# program's HLO-level figures (buffer assignment, cost analysis, collectives), never runs it, and
+# codegen of an SDXL step was most of a 25-minute compile that had not finished.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_disable_hlo_passes": "cpu-all-reduce-combiner",
+                                        "xla_backend_optimization_level": 0,
+                                        "xla_llvm_disable_expensive_passes": True}
 
 
 def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,

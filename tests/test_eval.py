@@ -309,11 +309,15 @@ def test_evaluate_model_cache(tiny_model, first_eval, tmp_path, monkeypatch):
     clip_like = type("ClipLike", (PixelJudge,), {"feature_kind": "clip"})()
     r4 = E.evaluate_model(tiny_model, clip_like, CAT, **kw, reference=r1.features)
     assert r4.from_cache and "cmmd" in r4.metrics and "cmmd" not in r1.metrics
-    # identical sets: only the U-statistic's offset 2000·(mean off-diagonal kernel − 1)/N, N = 24
-    f = r1.features.astype(np.float64)
+    # both sides are the retained prompts' rows (circle's prompts left out), so the sets are
+    # identical: only the U-statistic's offset 2000·(mean off-diagonal kernel − 1)/N remains
+    kept, kept_ref = E.retained_features(r1.features, clip_like, CAT, CFG, ["circle"], reference=r1.features)
+    n = len(kept)
+    assert 1 < n < 24 and np.array_equal(kept, kept_ref)
+    f = kept.astype(np.float64)
     d2 = ((f[:, None] - f[None]) ** 2).sum(-1)
-    offdiag = (np.exp(-d2 / 200).sum() - 24) / (24 * 23)
-    assert r4.metrics["cmmd"] == pytest.approx(2000 * (offdiag - 1) / 24, rel=1e-6)
+    offdiag = (np.exp(-d2 / 200).sum() - n) / (n * (n - 1))
+    assert r4.metrics["cmmd"] == pytest.approx(2000 * (offdiag - 1) / n, rel=1e-6)
     assert r4.metrics["fid_proxy"] == pytest.approx(0.0, abs=1e-6)
     # another eval config or another key is another entry
     E.evaluate_model(tiny_model, PixelJudge(), CAT, **{**kw, "cache_key": "snapshot-def"})

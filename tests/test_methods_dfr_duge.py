@@ -305,10 +305,10 @@ def test_sdxl_conditioning_wiring_and_general_reg_path():
 
 
 # ----------------------------------------------------------------------------- DUGE
-def _duge_ref(w, sch, rng, layers, mode):
+def _duge_ref(w, sch, rng, layers, mode, x_source="mapped"):
     b, st = w["batch"], _student(w)
     k_u, k_pr = jax.random.split(rng)
-    x, t, _ = ref_noisy(sch, b["mapped_z0"], k_u, 999)
+    x, t, _ = ref_noisy(sch, b[f"{x_source}_z0"], k_u, 999)
     es, ps = ref_apply(w, st, x, t, b["forget_ctx"], b["forget_pos"])
     ep, pp = ref_apply(w, w["prev"], x, t, b["mapped_ctx"], b["mapped_pos"])
     fm, mm = np.asarray(b["forget_pos_mask"]), np.asarray(b["mapped_pos_mask"])
@@ -357,9 +357,26 @@ def test_duge_fmn_mode_layer_regex_vpred(world):
     _close(loss, want["eps"] + want["attn"] + want["prior"])
 
 
+def test_duge_x_source_forget_noises_the_target_images(world):
+    w, sch = world, S.make_schedule()
+    m = duge.build(duge.Config(x_source="forget"), w["unet_fn"], sch)
+    assert m.needs == B.DataNeeds(mapped=True, prior=True, token_positions=True, forget=True)
+    rng = jax.random.PRNGKey(23)
+    loss, met = jit(lambda p, f, b, r: m.loss(p, f, b, r))(w["params"], w["frozen"], w["batch"], rng)
+    layers = sorted(ref_apply(w, w["prev"], np.zeros((BSZ, 8, 8, 4), np.float32), np.ones(BSZ, np.int32),
+                              w["batch"]["forget_ctx"])[1])
+    want = _duge_ref(w, sch, rng, layers, "match", x_source="forget")
+    mapped = _duge_ref(w, sch, rng, layers, "match")
+    assert abs(want["eps"] - mapped["eps"]) > 1e-3 * mapped["eps"]  # the source matters
+    for k in ("eps", "attn", "prior"):
+        _close(met[k], want[k])
+    _close(loss, want["eps"] + want["attn"] + want["prior"])
+
+
 def test_duge_config_is_validated(world):
     sch = S.make_schedule()
-    for cfg in (duge.Config(attn_mode="x"), duge.Config(layers="("), duge.Config(t_max=1000)):
+    for cfg in (duge.Config(attn_mode="x"), duge.Config(layers="("), duge.Config(t_max=1000),
+                duge.Config(x_source="prior")):
         with pytest.raises(ConfigError):
             duge.build(cfg, world["unet_fn"], sch)
     with pytest.raises(ConfigError, match="matches none"):

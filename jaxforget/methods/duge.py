@@ -37,8 +37,8 @@ is *not* part of this module: the engine composes the regularizers of
 
 Data sets read (``needs``): ``mapped`` (mapped_ctx, mapped_z0), ``prior`` (prior_ctx, prior_z0),
 ``token_positions`` (forget_pos / forget_pos_mask, mapped_pos / mapped_pos_mask), and
-``forget_ctx`` (prompt embeddings; ε_prev's forget images are not needed, so ``needs.forget`` is
-False). ``frozen.base`` is not read (the prior images already come from ε_base).
+``forget_ctx`` (prompt embeddings); ε_prev's forget images (``forget_z0``, ``needs.forget``) only
+with ``x_source="forget"``. ``frozen.base`` is not read (the prior images already come from ε_base).
 
 Random numbers: ``k_u, k_pr = jax.random.split(rng)``; ``base.noisy(schedule, mapped_z0, k_u,
 t_max=t_max)`` and ``base.noisy(schedule, prior_z0, k_pr)``.
@@ -62,6 +62,7 @@ from jaxforget.models.layers import TargetMask
 NAME = "duge"
 ATTN_MODES = ("match", "fmn")
 ATTENTION_KERNELS = ("xla", "pallas")
+X_SOURCES = ("mapped", "forget")
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,17 @@ class Config:
     layers: str = ""  # regex over attn2 layer paths (re.search); "" = all cross-attention layers
     t_max: int = 999  # t ~ U{0..t_max} for L_U
     attention_kernel: str = "xla"  # "xla" (reference) | "pallas" (fused agg, match mode only)
+    # x_t for L_U: "mapped" (ε_prev's anchor images, the reading of methods.md) | "forget" (ε_prev's
+    # images of the target, as DFR / ESD re-steer): on the toy world, style targets are not removed
+    # from mapped images (see NOTES.md), since the anchor's image already determines ε there
+    x_source: str = "mapped"
 
 
 def validate(cfg: Config, schedule: S.NoiseSchedule) -> None:
     if cfg.attn_mode not in ATTN_MODES:
         raise ConfigError(f"duge.attn_mode={cfg.attn_mode!r} is not supported (use one of {', '.join(ATTN_MODES)})")
+    if cfg.x_source not in X_SOURCES:
+        raise ConfigError(f"duge.x_source={cfg.x_source!r} is not supported (use one of {', '.join(X_SOURCES)})")
     if cfg.attention_kernel not in ATTENTION_KERNELS:
         raise ConfigError(f"duge.attention_kernel={cfg.attention_kernel!r} is not supported "
                           f"(use one of {', '.join(ATTENTION_KERNELS)})")
@@ -129,7 +136,7 @@ class DUGE:
         student = f.student(params, frozen)
         prev = jax.lax.stop_gradient(frozen.prev)
 
-        x_t, t, _ = B.noisy(self.schedule, batch["mapped_z0"], k_u, t_max=cfg.t_max)
+        x_t, t, _ = B.noisy(self.schedule, batch[f"{cfg.x_source}_z0"], k_u, t_max=cfg.t_max)
         match = cfg.attn_mode == "match"
         fused = cfg.attention_kernel == "pallas"  # validate(): only with match
         fmask = batch["forget_pos_mask"]
@@ -181,4 +188,5 @@ class DUGE:
 
 def build(cfg: Config, unet_fn: B.UNetFn, schedule: S.NoiseSchedule) -> DUGE:
     validate(cfg, schedule)
-    return DUGE(cfg=cfg, unet_fn=unet_fn, schedule=schedule)
+    needs = B.DataNeeds(mapped=True, prior=True, token_positions=True, forget=cfg.x_source == "forget")
+    return DUGE(cfg=cfg, unet_fn=unet_fn, schedule=schedule, needs=needs)
