@@ -51,7 +51,7 @@ from jaxforget.methods import base as MB
 from jaxforget.methods import build_method, method_config_types
 from jaxforget.methods import regularizers as REG
 from jaxforget.methods import trainable as TR
-from jaxforget.models.unet import REMAT_POLICIES
+from jaxforget.models.unet import REMAT_POLICIES, check_attention_chunk, set_attention_chunk
 from jaxforget.requests import Request, parse_requests, validate_requests
 from jaxforget.tokenizers import token_span_positions
 
@@ -185,6 +185,7 @@ class RunConfig:
     checkpoint_every: int = 25
     compute_dtype: str = "float32"  # float32 | bfloat16 (params and losses stay fp32)
     remat: str = "none"  # none | full | dots | layers: jax.checkpoint policy in the UNet (student backward)
+    attention_chunk: int = 0  # memory-efficient attention: queries per chunk (0: whole-sequence attention)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainable: TR.Config = field(default_factory=TR.Config)
@@ -207,6 +208,7 @@ class RunConfig:
             raise ConfigError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        check_attention_chunk(self.attention_chunk)
         if self.data.eot not in ("none", "first_eot", "all_padding"):
             raise ConfigError(f"data.eot must be none, first_eot or all_padding, got {self.data.eot!r}")
 
@@ -593,6 +595,7 @@ class ContinualRun:
                                        create=False)
         dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None
         self.folder = load_model_folder(self.model_dir, compute_dtype=dtype)
+        set_attention_chunk(self.folder.unet, cfg.attention_chunk)
         self.model = PL.DiffusionModel.from_folder(self.folder)
         self.base_hash = base_hash
         self.mesh = SH.make_mesh(dataclasses.asdict(cfg.mesh))

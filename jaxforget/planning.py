@@ -25,8 +25,9 @@ FLOP accounting of one DFR step with B rows per set (forget and retain sets each
 
 Caveats: the numbers are those of XLA's CPU compiler (its fusion, scheduling and buffer
 assignment), not the TPU / GPU compiler's; the CPU SPMD partitioner may emit an all-reduce
-where a TPU emits a reduce-scatter. Attention is materialized (``layers.attention``), as the
-model code does.
+where a TPU emits a reduce-scatter. Attention is materialized (``layers.attention``) unless
+``attention_chunk`` is set: then the model's memory-efficient attention processes that many
+queries at a time under jax.checkpoint, and only one chunk's scores exist at once.
 
 Rematerialization is the model's own (``models/unet.py`` REMAT_POLICIES: ``full`` / ``dots`` per
 down / mid / up block, ``layers`` per transformer layer and resnet), selected through
@@ -138,11 +139,12 @@ def load_unet_config(model: str) -> dict[str, Any]:
     raise ConfigError(f"--model {model!r}: no UNet config.json there (shipped: {', '.join(shipped)})")
 
 
-def abstract_unet(config: Mapping[str, Any] | UNetConfig, dtype: Any = None) -> tuple[Any, nnx.State]:
+def abstract_unet(config: Mapping[str, Any] | UNetConfig, dtype: Any = None,
+                  attention_chunk: int | None = None) -> tuple[Any, nnx.State]:
     """(graphdef, abstract state): ShapeDtypeStruct leaves with logical-axis metadata, no memory."""
     cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_diffusers(dict(config))
     unet = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=jnp.float32,
-                                                       rngs=nnx.Rngs(0)))
+                                                       attention_chunk=attention_chunk, rngs=nnx.Rngs(0)))
     return nnx.split(unet)
 
 
@@ -423,6 +425,7 @@ class PlanSpec:
     resolution: int | None = None  # pixels; latents are resolution / 8; None = config sample_size × 8
     remat: str = "none"
     dtype: str = "fp32"  # compute dtype; params stay fp32
+    attention_chunk: int = 0  # queries per chunk of memory-efficient attention; 0 = whole sequence
     seq_len: int = 77
     trainable: str = "all"  # DFR's reference trains every UNet parameter
     mfu: float = 0.4
@@ -457,6 +460,8 @@ def check_options(spec: PlanSpec) -> None:
         raise ConfigError(f"--remat {spec.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     if spec.dtype not in DTYPES:
         raise ConfigError(f"--dtype {spec.dtype!r}: use fp32 or bf16")
+    if isinstance(spec.attention_chunk, bool) or not isinstance(spec.attention_chunk, int) or spec.attention_chunk < 0:
+        raise ConfigError(f"--attention-chunk {spec.attention_chunk!r}: must be a non-negative integer (0: off)")
     if not 0 < spec.mfu <= 1:
         raise ConfigError(f"--mfu {spec.mfu}: must lie in (0, 1]")
     if spec.seq_len < 1:
@@ -531,6 +536,7 @@ class Plan:
     analytic_fwd_flops_exact: float = 0.0  # same, counting only in-image conv taps (XLA's way)
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # per device, result bytes
     lower_seconds: float = 0.0  # of compile_seconds: tracing + lowering (the rest is XLA)
+    flops_source: str = "compiled"  # or "lowered unchunked step" (chunked attention is a loop)
 
     FLOP_TOLERANCE = 0.15
 
@@ -610,7 +616,7 @@ class Plan:
         lines = [
             f"plan: model={s.model} method={s.method} mesh={mesh} ({self.devices} devices) batch={s.batch}/set "
             f"resolution={self.resolution} latent={self.latent[0]}x{self.latent[1]}x{self.latent[2]} "
-            f"dtype={s.dtype} remat={s.remat} trainable={s.trainable}",
+            f"dtype={s.dtype} remat={s.remat} attention_chunk={s.attention_chunk or 'off'} trainable={s.trainable}",
             f"UNet parameters: {self.param_count / 1e6:.1f} M ({self.trainable_count / 1e6:.1f} M trained); "
             f"step lowered + compiled (CPU, simulated devices) in {self.compile_seconds:.1f} s "
             f"(trace/lower {self.lower_seconds:.1f} s, XLA {self.compile_seconds - self.lower_seconds:.1f} s)",
@@ -626,7 +632,7 @@ class Plan:
             f"  peak ≈ args + outputs − aliased + temp = {g(self.peak_bytes)}",
             f"collectives per device per step: {coll.get('total', 0) / GiB:.3f} GiB in {coll.get('count', 0)} ops"
             + (f" ({kinds} GiB)" if kinds else ""),
-            f"FLOPs per step: compiled {self.compiled_flops:.4g}/device × {self.devices} = "
+            f"FLOPs per step: {self.flops_source} {self.compiled_flops:.4g}/device × {self.devices} = "
             f"{self.global_compiled_flops:.4g}",
             f"  analytic UNet forward (batch {s.batch}): {self.analytic_fwd_flops:.4g} "
             f"(conv {self.flops_breakdown.get('conv', 0):.3g}, linear {self.flops_breakdown.get('linear', 0):.3g}, "
@@ -686,22 +692,25 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
     if compiler_options is None and devices[0].platform == "cpu":
         compiler_options = CPU_COMPILER_OPTIONS
 
-    graphdef, state = abstract_unet(cfg, DTYPES[spec.dtype])
-    state = with_shardings(state, mesh)
-    split = TR.split_trainable(state, TR.Config(filter=spec.trainable))
-    unet_fn = MB.UNetFn(graphdef, split.materialize, remat=spec.remat)
-    schedule = S.make_schedule()  # SD's scaled-linear 1000-step schedule (FLOPs do not depend on it)
-    method = dfr.build(dfr.Config(), unet_fn, schedule)
-    tx = E.make_optimizer(E.OptimConfig(), steps=1000)
-    step = E.make_train_step(method, unet_fn, REG.Config(), tx, split.trainable_paths)
-
-    params = split.params
-    # Adam moments mirror the params' shardings; scalars (count) replicated — as the engine does
     rep = SH.replicated(mesh)
-    opt_state = opt_state_like(tx, params, rep)
-    frozen = MB.Frozen(rest=split.rest, prev=state, base=None, reg=None)
-    batch = abstract_batch(cfg, spec.batch, hw, spec.seq_len, mesh)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+
+    def build(attention_chunk: int):
+        graphdef, state = abstract_unet(cfg, DTYPES[spec.dtype], attention_chunk)
+        state = with_shardings(state, mesh)
+        split = TR.split_trainable(state, TR.Config(filter=spec.trainable))
+        unet_fn = MB.UNetFn(graphdef, split.materialize, remat=spec.remat)
+        schedule = S.make_schedule()  # SD's scaled-linear 1000-step schedule (FLOPs do not depend on it)
+        method = dfr.build(dfr.Config(), unet_fn, schedule)
+        tx = E.make_optimizer(E.OptimConfig(), steps=1000)
+        step = E.make_train_step(method, unet_fn, REG.Config(), tx, split.trainable_paths)
+        # Adam moments mirror the params' shardings; scalars (count) replicated — as the engine does
+        opt_state = opt_state_like(tx, split.params, rep)
+        frozen = MB.Frozen(rest=split.rest, prev=state, base=None, reg=None)
+        batch = abstract_batch(cfg, spec.batch, hw, spec.seq_len, mesh)
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+        return step, (split.params, opt_state, frozen, batch, rng), split, state
+
+    step, (params, opt_state, frozen, batch, rng), split, state = build(spec.attention_chunk)
 
     timings: dict[str, float] = {}
     if progress is not None:
@@ -713,6 +722,17 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
         progress(f"XLA compile done in {timings['compile']:.1f} s")
     mem = compiled.memory_analysis()
     collectives = collective_bytes(compiled.as_text())
+    compiled_flops, flops_source = _cost_flops(compiled), "compiled"
+    if spec.attention_chunk:
+        # XLA's cost analysis counts a loop body once, and chunked attention is a loop over the
+        # chunks: count the same step without chunking instead (lowered only, not compiled; the
+        # math is identical), per device = global / devices
+        if progress is not None:
+            progress("counting FLOPs on the unchunked step (XLA counts a loop body once) ...")
+        plain_step, plain_args, _, _ = build(0)
+        lowered = jax.jit(plain_step, in_shardings=tuple(shardings_of(a) for a in plain_args)).lower(*plain_args)
+        compiled_flops = _cost_flops(lowered) / n
+        flops_source = "lowered unchunked step"
 
     fwd = unet_forward_flops(cfg, spec.batch, hw[0], hw[1], spec.seq_len)
     mult = step_forward_multiplier(spec.method, spec.remat)
@@ -729,7 +749,7 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
         alias_bytes=int(getattr(mem, "alias_size_in_bytes", 0)),
         temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0)),
         params_total_bytes=total_bytes(params),
-        compiled_flops=_cost_flops(compiled), analytic_fwd_flops=fwd["total"],
+        compiled_flops=compiled_flops, flops_source=flops_source, analytic_fwd_flops=fwd["total"],
         analytic_step_flops=mult * fwd["total"], multiplier=mult, compile_seconds=secs,
         flops_breakdown=fwd,
         analytic_fwd_flops_exact=unet_forward_flops(cfg, spec.batch, hw[0], hw[1], spec.seq_len,
@@ -740,7 +760,7 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
 
 # ============================================================================ sweep
 SWEEP_COLUMNS: tuple[str, ...] = (
-    "model", "resolution", "batch", "mesh", "devices", "dtype", "remat", "method", "mfu",
+    "model", "resolution", "batch", "mesh", "devices", "dtype", "remat", "attention_chunk", "method", "mfu",
     "params", "trainable_params", "peak_gib_per_device", "params_gib", "frozen_gib", "opt_state_gib",
     "temp_gib", "flops_per_step", "flops_per_device", "analytic_flops_per_step", "flops_ratio",
     "collective_bytes_per_device", "compile_s",
@@ -751,7 +771,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
 def _spec_row(spec: PlanSpec, resolution: int | None) -> dict[str, Any]:
     return {"model": spec.model, "resolution": "" if resolution is None else resolution, "batch": spec.batch,
             "mesh": spec.mesh_str, "devices": spec.devices, "dtype": spec.dtype, "remat": spec.remat,
-            "method": spec.method, "mfu": spec.mfu}
+            "attention_chunk": spec.attention_chunk, "method": spec.method, "mfu": spec.mfu}
 
 
 def parse_meshes(text: str) -> list[dict[str, int]]:
@@ -864,7 +884,7 @@ def run_sweep(specs: list[PlanSpec], out_dir: str | Path, devices: list[jax.Devi
                 f"peak {row['peak_gib_per_device']:.3f} GiB/device, {float(row['flops_per_step']):.3g} FLOP, "
                 f"compiled in {row['compile_s']} s")
             log(f"[{i + 1}/{len(specs)}] {spec.model} {row['resolution']}px batch {spec.batch} "
-                f"{spec.mesh_str} {spec.dtype} remat={spec.remat}: {state}")
+                f"{spec.mesh_str} {spec.dtype} remat={spec.remat} attention_chunk={spec.attention_chunk}: {state}")
         jax.clear_caches()  # compiled SDXL-size programs are large: hold one at a time
     plot_sweep(rows, out / "plan_sweep.png")
     return rows

@@ -4,7 +4,7 @@ CPU devices and print per-device memory, FLOPs per step, collective bytes and es
 
 One plan:
     python launch/plan.py --model sdxl --mesh fsdp=8 --batch 8 --method dfr \
-        [--resolution 1024] [--remat none|full|dots] [--dtype fp32|bf16] [--mfu 0.4]
+        [--resolution 1024] [--remat none|full|dots|layers] [--dtype fp32|bf16] [--attention-chunk 0] [--mfu 0.4]
 
 A sweep (CSV + plot; failed combinations are rows with their error):
     python launch/plan.py sweep --models sd15,sd21,sdxl --resolutions 512,1024 --batches 1,8 \
@@ -38,6 +38,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="dfr", help="unlearning method (dfr)")
     p.add_argument("--remat", default="none", help="none | full | dots (jax.checkpoint per UNet block) | layers (per transformer layer and resnet)")
     p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 | bf16 (params stay fp32)")
+    p.add_argument("--attention-chunk", type=int, default=0,
+                   help="memory-efficient attention: queries per chunk (0: whole-sequence attention)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization")
     p.add_argument("--seq-len", type=int, default=77, help="text tokens per prompt")
     p.add_argument("--trainable", default="all", help="trainable filter (preset or regex); DFR trains all")
@@ -75,7 +77,8 @@ def _set_device_count(n: int) -> None:
 
 
 def _spec_common(args: argparse.Namespace) -> dict:
-    return dict(method=args.method, remat=args.remat, dtype=args.dtype, seq_len=args.seq_len,
+    return dict(method=args.method, remat=args.remat, dtype=args.dtype, attention_chunk=args.attention_chunk,
+                seq_len=args.seq_len,
                 trainable=args.trainable, mfu=args.mfu)
 
 

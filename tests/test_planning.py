@@ -104,6 +104,25 @@ def test_single_device_flops_within_15_percent(tmp_path):
     assert p.collective_bytes == 0 and p.collectives["count"] == 0, p.collectives
 
 
+def test_attention_chunk_lowers_planned_temp(tmp_path):
+    # 32x32 latents (1024 self-attention tokens): the DFR step's [B, H, 1024, 1024] fp32 scores
+    # dominate its temp; chunks of 128 queries keep 1/8 of them per layer. XLA's cost analysis
+    # counts the chunk loop's body once, so the plan counts FLOPs on the unchunked step: the same
+    # work as the whole-sequence plan's compiled count (±5 %: lowered vs optimized HLO)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MINI))
+    specs = [PL.PlanSpec(model=str(path), mesh=(("fsdp", 2),), batch=2, resolution=256, seq_len=7,
+                         remat="layers", attention_chunk=c) for c in (0, 128)]
+    whole, chunked = (PL.plan(s, jax.devices()[:2]) for s in specs)
+    print(f"temp: whole {whole.temp_bytes / 2**20:.1f} MiB, chunk 128 {chunked.temp_bytes / 2**20:.1f} MiB")
+    assert chunked.temp_bytes < 0.6 * whole.temp_bytes, (whole.temp_bytes, chunked.temp_bytes)
+    assert chunked.flops_source == "lowered unchunked step" and whole.flops_source == "compiled"
+    assert chunked.compiled_flops == pytest.approx(whole.compiled_flops, rel=0.05)
+    assert chunked.flops_agree and whole.flops_agree
+    assert "attention_chunk=128" in chunked.report() and "attention_chunk=off" in whole.report()
+    assert chunked.row()["attention_chunk"] == 128
+
+
 def test_analytic_flops_conv_formula_and_padding():
     # a single 3x3 conv: formula 2·H·W·k²·Cin·Cout; exclude_padding drops out-of-image taps
     f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
@@ -251,6 +270,7 @@ def _main(argv, capsys):
     (["--model", "sd15", "--resolution", "500"], "500"),
     (["--model", "sd15", "--resolution", "0"], "resolution"),
     (["--model", "sd15", "--remat", "some"], "remat"),
+    (["--model", "sd15", "--attention-chunk", "-8"], "attention-chunk"),
     (["--model", "sd15", "--method", "esd"], "esd"),
     (["--model", "sd15", "--batch", "two"], "batch"),
     (["--model", "sd15", "--batch", "0"], "batch"),

@@ -225,6 +225,7 @@ def attention(
     *,
     mask: jax.Array | None = None,
     probe_tokens: jax.Array | TargetMask | None = None,
+    query_chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Multi-head scaled dot-product attention with an fp32 softmax.
 
@@ -234,9 +235,17 @@ def attention(
     ``TargetMask`` ([B, Lk] weights): probes = the weighted row-sum of the probabilities,
     [B, H, Lq, 1] fp32, computed by the fused Pallas kernel (interpret mode on CPU) when Lq tiles
     (``kernels.cross_attention.pick_block_q``) and no additive mask is given, else by XLA.
+    query_chunk: memory-efficient attention (no additive mask): queries are processed
+    ``query_chunk`` at a time under ``jax.checkpoint`` in a ``lax.map``, so only one chunk's
+    [B, H, chunk, Lk] scores exist at a time, forward and backward (the backward recomputes a
+    chunk's probabilities from its queries). Each query row's softmax is the same computation,
+    so values equal the unchunked ones up to fp32 rounding. None / 0 / >= Lq: one chunk.
     Returns (output [B, Lq, H*D] in q's dtype, probes or None).
     """
     b, lq, inner = q.shape
+    chunk = _query_chunk(lq, query_chunk) if mask is None else None
+    if chunk is not None:
+        return _chunked_attention(q, k, v, num_heads, probe_tokens, chunk)
     lk = k.shape[1]
     d = inner // num_heads
     qh = q.reshape(b, lq, num_heads, d)
@@ -260,6 +269,38 @@ def attention(
     elif probe_tokens is not None:
         idx = probe_tokens[:, None, None, :]  # [B,1,1,K]
         probes = jnp.take_along_axis(probs, jnp.broadcast_to(idx, (b, num_heads, lq, idx.shape[-1])), axis=-1)
+    return out, probes
+
+
+def _query_chunk(lq: int, query_chunk: int | None) -> int | None:
+    """The chunk length actually used: the largest divisor of ``lq`` that is <= ``query_chunk``
+    (latent token counts are powers of two in practice); None when chunking does not apply."""
+    if not query_chunk or query_chunk >= lq:
+        return None
+    size = max(d for d in range(1, int(query_chunk) + 1) if lq % d == 0)
+    return size if size < lq else None
+
+
+def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+                       probe_tokens: jax.Array | TargetMask | None, chunk: int) -> tuple[jax.Array, jax.Array | None]:
+    b, lq, inner = q.shape
+    n = lq // chunk
+    q_chunks = q.reshape(b, n, chunk, inner).swapaxes(0, 1)  # [n, B, chunk, H*D]
+
+    # checkpointed body: the map's backward keeps only each chunk's queries (and the shared k, v),
+    # never a chunk's [B, H, chunk, Lk] probabilities. A loop, not unrolled Python: unrolled, XLA
+    # (CPU, measured) interleaves the chunks and the memory saving is gone
+    @jax.checkpoint
+    def one(qc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out, probes = attention(qc, k, v, num_heads, probe_tokens=probe_tokens)
+        return out, (jnp.zeros((), jnp.float32) if probes is None else probes)
+
+    out, probes = jax.lax.map(one, q_chunks)
+    out = out.swapaxes(0, 1).reshape(b, lq, inner)
+    if probe_tokens is None:
+        return out, None
+    # [n, B, H, chunk, K] -> [B, H, Lq, K]
+    probes = jnp.moveaxis(probes, 0, 2).reshape(b, num_heads, lq, probes.shape[-1])
     return out, probes
 
 

@@ -413,12 +413,13 @@ class Attention(nnx.Module):
         self.heads = heads
         # scores and softmax are always fp32 here, which is what upcast_attention asks for
         self.upcast_attention = upcast_attention
+        self.query_chunk: int | None = None  # memory-efficient attention (set by the UNet's attention_chunk)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None,
                  probe_tokens: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         ctx = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        out, probes = attention(q, k, v, self.heads, probe_tokens=probe_tokens)
+        out, probes = attention(q, k, v, self.heads, probe_tokens=probe_tokens, query_chunk=self.query_chunk)
         return self.to_out[0](out), probes
 
 
@@ -707,7 +708,7 @@ class UNet2DConditionModel(nnx.Module):
     """diffusers' UNet2DConditionModel in NNX (NHWC). See the module docstring."""
 
     def __init__(self, config: UNetConfig, *, dtype=None, param_dtype=jnp.float32, remat: str = "none",
-                 rngs: nnx.Rngs):
+                 attention_chunk: int | None = None, rngs: nnx.Rngs):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         boc = c.block_out_channels
@@ -773,6 +774,7 @@ class UNet2DConditionModel(nnx.Module):
 
         self.conv_norm_out = GroupNorm(c.norm_num_groups, boc[0], eps=c.norm_eps, param_dtype=param_dtype)
         self.conv_out = Conv2d(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2, **kw)
+        set_attention_chunk(self, attention_chunk)
 
     def __call__(
         self,
@@ -834,6 +836,26 @@ class UNet2DConditionModel(nnx.Module):
         x = get_activation(c.act_fn)(self.conv_norm_out(x))
         x = self.conv_out(x)
         return UNetOutput(sample=x, attn_probes=probes)
+
+
+def set_attention_chunk(unet: "UNet2DConditionModel", attention_chunk: int | None) -> None:
+    """Switch every attention layer of ``unet`` to memory-efficient attention with that many
+    queries per chunk (None / 0: whole-sequence attention). Values are unchanged up to fp32
+    rounding; memory of the scores drops from [B, H, Lq, Lk] to [B, H, chunk, Lk] per layer."""
+    unet.attention_chunk = check_attention_chunk(attention_chunk)
+    for _, module in nnx.iter_modules(unet):
+        if isinstance(module, Attention):
+            module.query_chunk = unet.attention_chunk
+
+
+def check_attention_chunk(attention_chunk: int | None) -> int | None:
+    """Validate ``attention_chunk`` (queries per chunk of memory-efficient attention; None or 0:
+    whole-sequence attention)."""
+    if attention_chunk is None or attention_chunk == 0:
+        return None
+    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int) or attention_chunk < 0:
+        raise ConfigError(f"attention_chunk must be a non-negative integer (0: off), got {attention_chunk!r}")
+    return attention_chunk
 
 
 def check_remat(remat: str) -> str:
