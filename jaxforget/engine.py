@@ -13,7 +13,9 @@ Scale: the train step is lowered and compiled ahead of time once per request wit
 shardings (new params / optimizer state sharded exactly like the donated old ones), and that one
 executable runs every step. ``compute_dtype: bfloat16`` runs every UNet forward (student and
 frozen teachers) in bf16 with fp32 params, optimizer state, attention probabilities and losses;
-``remat: full | dots`` rematerializes the UNet blocks in the backward pass.
+``remat: full | dots | layers`` rematerializes the UNet blocks (or each layer) in the backward
+pass; ``attention_chunk: N`` runs every attention N queries at a time (memory-efficient
+attention: one chunk's scores in memory at once, same values).
 
 Multi-process (``launch/tpu.py --num-processes N ...``): every process runs this same code on the
 global mesh over ``jax.devices()``. Host data (prompts, teacher latents, batches) is computed
