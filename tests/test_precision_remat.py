@@ -237,31 +237,29 @@ print("TEMP " + json.dumps(out))
 """
 
 
-def test_attention_chunk_lowers_compiled_temp_memory():
-    # 32x32 latents: 1024 self-attention tokens, so the [2, 2, 1024, 1024] fp32 scores (16 MiB per
-    # layer) dominate; chunks of 128 queries hold 1/8 of that. Measured: 113.7 MB -> 48.4 MB.
-    cfg = dict(TINY, sample_size=32)
+def _compiled_temp_bytes(script: str, cfg: dict) -> dict:
+    """Run a TEMP-printing script on ``cfg`` in a subprocess with XLA:CPU's memory-minimizing
+    scheduler (see the module docstring) and return its {setting: temp bytes}."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
-    res = subprocess.run([sys.executable, "-c", _CHUNK_MEMORY_SCRIPT, json.dumps(cfg)], env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", script, json.dumps(cfg)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    temp = json.loads(res.stdout.split("TEMP ", 1)[1])
+    return json.loads(res.stdout.split("TEMP ", 1)[1])
+
+
+def test_attention_chunk_lowers_compiled_temp_memory():
+    # 32x32 latents: 1024 self-attention tokens, so the [2, 2, 1024, 1024] fp32 scores (16 MiB per
+    # layer) dominate; chunks of 128 queries hold 1/8 of that. Measured: 113.7 MB -> 48.4 MB.
+    temp = _compiled_temp_bytes(_CHUNK_MEMORY_SCRIPT, dict(TINY, sample_size=32))
     print("compiled temp bytes (attention_chunk 0 / 128):", temp)
     assert temp["128"] < 0.6 * temp["0"], temp
 
 
 def test_remat_full_lowers_compiled_temp_memory(tmp_path):
     # more blocks per level than TINY, so that saved activations, not one block's internals, set the peak
-    cfg = dict(TINY, layers_per_block=2)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
-    res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(cfg)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    temp = json.loads(res.stdout.split("TEMP ", 1)[1])
+    temp = _compiled_temp_bytes(_MEMORY_SCRIPT, dict(TINY, layers_per_block=2))
     print("compiled temp bytes:", temp)  # measured: none 63.7 MB, full 45.1 MB, dots 47.7 MB
     assert temp["full"] < 0.85 * temp["none"], temp
     assert temp["dots"] < temp["none"], temp
