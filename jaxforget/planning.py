@@ -639,10 +639,11 @@ class Plan:
             f"attention {self.flops_breakdown.get('attention', 0):.3g})",
             f"  analytic step = {self.multiplier:g} × forward = {self.analytic_step_flops:.4g}  "
             f"(DFR: 2 student passes × {student} + 2 frozen teacher forwards)",
-            f"  FLOP check: compiled / analytic = {self.flops_ratio:.3f} -> "
+            f"  FLOP check: {self.flops_source.split()[0]} / analytic = {self.flops_ratio:.3f} -> "
             f"{'within' if self.flops_agree else 'OUTSIDE'} ±{self.FLOP_TOLERANCE:.0%}"
             f"  (vs. the padding-exact conv count, XLA's convention: {self.flops_ratio_exact:.3f})"
-            + ("" if self.devices == 1 else "; several devices: includes SPMD-replicated work"),
+            + ("" if self.devices == 1 else "; several devices: includes SPMD-replicated work"
+               if self.flops_source == "compiled" else "; counted before SPMD partitioning"),
             f"estimated step time at MFU {s.mfu:g} (bf16 peak; collectives overlapped, at the chip's link "
             f"bandwidth):",
         ]

@@ -120,6 +120,7 @@ def test_attention_chunk_lowers_planned_temp(tmp_path):
     assert chunked.compiled_flops == pytest.approx(whole.compiled_flops, rel=0.05)
     assert chunked.flops_agree and whole.flops_agree
     assert "attention_chunk=128" in chunked.report() and "attention_chunk=off" in whole.report()
+    assert "lowered / analytic" in chunked.report() and "counted before SPMD partitioning" in chunked.report()
     assert chunked.row()["attention_chunk"] == 128
 
 
