@@ -90,10 +90,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- unlearn
 def add_unlearn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concepts", required=True, help="requests file (.txt, one per line, or .yaml)")
-    p.add_argument("--config", default=None, help="run config YAML (default: configs/toyworld/dfr.yaml values)")
+    p.add_argument("--config", default=None,
+                   help="run config YAML (default: configs/toyworld/dfr.yaml with the shipped toy-world model; "
+                        "RunConfig's defaults with --model)")
     p.add_argument("--run-dir", default=None, help="run directory (overrides run_dir)")
     p.add_argument("--model", default=None, help="diffusers folder (default: the shipped toy-world model)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. steps=100 dfr.lambda_p=5")
+
+
+# the tuned toy-world run (benchmark.md figures) for the main command with no config and no model
+TOYWORLD_DFR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toyworld" / "dfr.yaml"
+
+
+def run_config_path(config: str | None, overrides: Sequence[str], model: str | None = None) -> str | None:
+    """The YAML a run reads: the one given, else the toy-world DFR config when no model is named."""
+    names_model = model is not None or any(o.split("=", 1)[0].strip() == "model" for o in overrides)
+    if config is None and not names_model and TOYWORLD_DFR_CONFIG.is_file():
+        return str(TOYWORLD_DFR_CONFIG)
+    return config
 
 
 def load_run_config(config: str | None, overrides: Sequence[str], run_dir: str | None = None,
@@ -101,6 +115,7 @@ def load_run_config(config: str | None, overrides: Sequence[str], run_dir: str |
     from jaxforget.config import load_config
     from jaxforget.engine import RunConfig
 
+    config = run_config_path(config, overrides, model)
     extra = list(overrides)
     if run_dir:
         extra.append(f"run_dir={run_dir}")
@@ -124,6 +139,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     _check_requests_file(args.concepts)
     cfg = load_run_config(args.config, args.overrides, args.run_dir, args.model)
+    if args.config is None and run_config_path(None, args.overrides, args.model):
+        print(f"config: {TOYWORLD_DFR_CONFIG} (the default with the shipped toy-world model)")
     run = ContinualRun(cfg, evaluator=make_evaluator(cfg))
     try:
         summaries = run.run(args.concepts)

@@ -51,3 +51,22 @@ def test_launch_script_exit_code_in_a_subprocess(tmp_path):
     assert proc.returncode == 2
     assert "unknown pipeline class 'KandinskyPipeline'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unlearn_without_config_uses_the_toyworld_dfr_config(tmp_path):
+    # the main command with no --config and no model runs the tuned toy-world configuration;
+    # naming a model (flag or override) keeps RunConfig's own defaults
+    from jaxforget.cli import TOYWORLD_DFR_CONFIG, load_run_config, run_config_path
+    from jaxforget.config import load_config
+    from jaxforget.engine import RunConfig
+
+    assert TOYWORLD_DFR_CONFIG.is_file()
+    tuned = load_config(RunConfig, TOYWORLD_DFR_CONFIG)
+    cfg = load_run_config(None, ["steps=7"], run_dir=str(tmp_path / "run"))
+    assert cfg.steps == 7 and cfg.run_dir == str(tmp_path / "run")
+    assert cfg.dfr == tuned.dfr and cfg.optim == tuned.optim and cfg.data == tuned.data
+    assert cfg.dfr != RunConfig().dfr  # the test means something: the YAML differs from the defaults
+    assert run_config_path(None, [], model="some/folder") is None
+    assert run_config_path(None, ["model=some/folder"]) is None
+    assert run_config_path("mine.yaml", []) == "mine.yaml"
+    assert load_run_config(None, [], model=str(tmp_path)).dfr == RunConfig().dfr

@@ -77,6 +77,34 @@ def test_second_request_reuses_the_compiled_step(dfr_run):
     assert "request 2 'van gogh' -> 'painting': snapshot 2" in log
 
 
+def test_duge_removed_set_replays_earlier_targets(model_dir, tmp_path):
+    # duge.lambda_rm > 0: from the second request on, ε_prev's images of the earlier targets'
+    # prompts join the batch (weight 1); the first request gets a zero-weight set of the same
+    # shape, so both requests share one compiled step
+    from jaxforget.engine import load_dataset_columns
+
+    req = _requests(tmp_path / "req.txt", "cat -> dog\nvan gogh -> painting\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _unlearn(model_dir, tmp_path / "run", req, "method=duge", "duge.lambda_rm=1.0",
+                        "data.removed_images=8") == 0
+    log = out.getvalue()
+    assert log.count("train step compiled") == 1 and "train step reused" in log, log
+    folders = sorted((tmp_path / "run" / "data").glob("request-*"))
+    assert len(folders) == 2, folders
+    first, second = (load_dataset_columns(f) for f in folders)
+    assert "removed_z0" not in first  # nothing removed yet: no images generated
+    prompts = second["removed_prompt"]
+    assert len(prompts) == 8 and all("cat" in p for p in prompts), prompts
+    assert np.stack(second["removed_z0"]).shape[0] == 8
+
+    from jaxforget.checkpoints import RunStore
+
+    with RunStore.open(tmp_path / "run", create=False, lock=False) as store:
+        assert store.metadata(1)["prompts"]["removed"] == []
+        assert set(store.metadata(2)["prompts"]["removed"]) == set(prompts)
+
+
 def test_snapshots_ledger_and_resume(dfr_run, model_dir, capsys):
     from jaxforget.checkpoints import RunStore
 

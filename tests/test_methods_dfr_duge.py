@@ -373,6 +373,43 @@ def test_duge_x_source_forget_noises_the_target_images(world):
     _close(loss, want["eps"] + want["attn"] + want["prior"])
 
 
+def test_duge_removed_term_holds_earlier_removals(world):
+    """lambda_rm > 0: L_rm = Σ w_b·mean_b (ε_θ − sg ε_prev)² / max(Σ w, 1) on the removed set, with
+    key fold_in(rng, 2); the other terms keep their keys; all-zero weights give 0."""
+    w, sch = world, S.make_schedule()
+    m = duge.build(duge.Config(lambda_rm=3.0), w["unet_fn"], sch)
+    assert m.needs == B.DataNeeds(mapped=True, prior=True, token_positions=True, removed=True)
+    ks = jax.random.split(jax.random.PRNGKey(5), 2)
+    batch = dict(w["batch"], removed_ctx=jax.random.normal(ks[0], (BSZ, SEQ, DIM)),
+                 removed_z0=jax.random.normal(ks[1], (BSZ, 8, 8, 4)),
+                 removed_w=jnp.array([1.0, 0.0], jnp.float32))
+    rng = jax.random.PRNGKey(24)
+    (loss, met), (g_params, g_frozen) = jit(jax.value_and_grad(m.loss, argnums=(0, 1), has_aux=True))(
+        w["params"], w["frozen"], batch, rng)
+    x, t, _ = ref_noisy(sch, batch["removed_z0"], jax.random.fold_in(rng, 2), 999)
+    st = _student(w)
+    diff = ref_apply(w, st, x, t, batch["removed_ctx"])[0] - ref_apply(w, w["prev"], x, t, batch["removed_ctx"])[0]
+    per_item = np.mean(diff ** 2, axis=(1, 2, 3))
+    want_rm = float(per_item[0])  # item 1 has weight 0
+    assert want_rm > 0 and abs(per_item[1] - want_rm) > 1e-3 * want_rm  # the weight matters
+    layers = sorted(ref_apply(w, w["prev"], np.zeros((BSZ, 8, 8, 4), np.float32), np.ones(BSZ, np.int32),
+                              w["batch"]["forget_ctx"])[1])
+    want = _duge_ref(w, sch, rng, layers, "match")
+    for k in ("eps", "attn", "prior"):
+        _close(met[k], want[k])
+    _close(met["removed"], want_rm)
+    _close(loss, want["eps"] + want["attn"] + want["prior"] + 3.0 * want_rm)
+    _check_grads(w, m, g_params, g_frozen)
+
+    # the first request has nothing removed: zero weights, zero term, the loss of lambda_rm = 0
+    zero = dict(batch, removed_w=jnp.zeros(BSZ, jnp.float32))
+    loss0, met0 = jit(lambda p, f, b, r: m.loss(p, f, b, r))(w["params"], w["frozen"], zero, rng)
+    assert float(met0["removed"]) == 0.0
+    _close(loss0, want["eps"] + want["attn"] + want["prior"])
+    with pytest.raises(ConfigError, match="lambda_rm"):
+        duge.build(duge.Config(lambda_rm=-1.0), w["unet_fn"], sch)
+
+
 def test_duge_config_is_validated(world):
     sch = S.make_schedule()
     for cfg in (duge.Config(attn_mode="x"), duge.Config(layers="("), duge.Config(t_max=1000),

@@ -35,6 +35,9 @@ class DataNeeds:
     mapped: ε_prev's images for the mapped (anchor) prompts p_m (``mapped_z0``).
     retain: ε_prev's replay images for retain prompts p_r (``retain_z0``).
     prior:  ε_base's images for the related concepts (``prior_z0``), DreamBooth-style.
+    removed: ε_prev's images for the prompts of the targets removed by earlier requests
+            (``removed_z0``, ``removed_ctx``, ``removed_w``: 1 per item, all 0 at the first request,
+            when there is nothing removed yet; the set keeps its size so the step is reused).
     token_positions: target / anchor token positions for the attention losses.
     uncond: the empty-prompt embedding (ESD's guidance direction).
     """
@@ -43,6 +46,7 @@ class DataNeeds:
     mapped: bool = False
     retain: bool = False
     prior: bool = False
+    removed: bool = False
     token_positions: bool = False
     uncond: bool = False
 
@@ -53,12 +57,14 @@ class DataNeeds:
 #   forget_pos [B,K] int32  target positions in p_f;   forget_pos_mask [B,K] float32 (1 = valid)
 #   mapped_pos [B,K] int32  anchor positions in p_m;   mapped_pos_mask [B,K] float32
 #   retain_ctx [B,S,D], retain_z0 [B,h,w,C]    prior_ctx [B,S,D], prior_z0 [B,h,w,C]
+#   removed_ctx [B,S,D], removed_z0 [B,h,w,C], removed_w [B] float32 (0 = padding item)
 #   uncond_ctx [B,S,D]  τ("")
 #   SDXL only: <set>_pooled [B,P] beside every <set>_ctx, and time_ids [B,6].
 BATCH_KEYS = (
     "forget_ctx", "forget_z0", "forget_pos", "forget_pos_mask",
     "mapped_ctx", "mapped_z0", "mapped_pos", "mapped_pos_mask",
-    "retain_ctx", "retain_z0", "prior_ctx", "prior_z0", "uncond_ctx", "time_ids",
+    "retain_ctx", "retain_z0", "prior_ctx", "prior_z0", "removed_ctx", "removed_z0", "removed_w",
+    "uncond_ctx", "time_ids",
 )
 
 

@@ -31,11 +31,20 @@ Same values up to fp32 summation order. fmn needs the per-position maps, so it s
   images for related concepts, DreamBooth prior preservation), t ~ U{0..999}, target =
   ``schedulers.training_target`` (the noise, or v for v-prediction schedules).
 
+- ``L_rm`` (jaxforget's continual extension, ``lambda_rm`` > 0; off by default):
+  ``Σ_b w_b·mean_b ‖ε_θ(x_t, t, τ(p_rm)) − sg[ε_prev(x_t, t, τ(p_rm))]‖² / max(Σ_b w_b, 1)`` on
+  ``removed_z0`` / ``removed_ctx`` (ε_prev's images for the prompts of the targets removed by
+  earlier requests), t ~ U{0..999}, key ``fold_in(rng, 2)``. Nothing else in DUGE refers to an
+  earlier removal (the EWC Fisher is taken on retain data), and on the toy world removing a
+  triangle brought the circle removed four requests before back to 92 % (NOTES.md); this term
+  holds θ to ε_prev on those prompts.
+
 The memory regularization R of the paper (online EWC, ``Σ F (θ − θ_{k-1})²``, or its l2 options)
 is *not* part of this module: the engine composes the regularizers of
 ``jaxforget/methods/regularizers.py`` with any method, DUGE included.
 
 Data sets read (``needs``): ``mapped`` (mapped_ctx, mapped_z0), ``prior`` (prior_ctx, prior_z0),
+``removed`` (removed_ctx, removed_z0, removed_w; only with lambda_rm > 0),
 ``token_positions`` (forget_pos / forget_pos_mask, mapped_pos / mapped_pos_mask), and
 ``forget_ctx`` (prompt embeddings); ε_prev's forget images (``forget_z0``, ``needs.forget``) only
 with ``x_source="forget"``. ``frozen.base`` is not read (the prior images already come from ε_base).
@@ -77,6 +86,7 @@ class Config:
     # images of the target, as DFR / ESD re-steer): on the toy world, style targets are not removed
     # from mapped images (see NOTES.md), since the anchor's image already determines ε there
     x_source: str = "mapped"
+    lambda_rm: float = 0.0  # weight of L_rm (keep earlier removals; 0 = off, methods.md's DUGE)
 
 
 def validate(cfg: Config, schedule: S.NoiseSchedule) -> None:
@@ -94,6 +104,8 @@ def validate(cfg: Config, schedule: S.NoiseSchedule) -> None:
         re.compile(cfg.layers)
     except re.error as e:
         raise ConfigError(f"duge.layers={cfg.layers!r} is not a valid regular expression: {e}") from None
+    if cfg.lambda_rm < 0:
+        raise ConfigError(f"duge.lambda_rm={cfg.lambda_rm} must be >= 0")
     if not 0 <= cfg.t_max < schedule.num_train_timesteps:
         raise ConfigError(f"duge.t_max={cfg.t_max} must lie in [0, {schedule.num_train_timesteps - 1}]")
 
@@ -130,7 +142,7 @@ class DUGE:
 
     def terms(self, params: nnx.State, frozen: B.Frozen, batch: Mapping[str, jax.Array],
               rng: jax.Array) -> dict[str, jax.Array]:
-        """The unweighted terms (fp32 scalars): eps, attn, prior."""
+        """The unweighted terms (fp32 scalars): eps, attn, prior (+ removed when lambda_rm > 0)."""
         cfg, f = self.cfg, self.unet_fn
         k_u, k_pr = jax.random.split(rng)
         student = f.student(params, frozen)
@@ -176,17 +188,36 @@ class DUGE:
         p_probe = TargetMask(jnp.zeros(batch["prior_ctx"].shape[:2], jnp.float32)) if fused else None
         pred, _ = f(student, x_t, t, **B.cond(batch, "prior"), probe_tokens=p_probe)
         l_pr = B.mse(pred, S.training_target(self.schedule, z0.astype(jnp.float32), eps, t))
-        return {"eps": l_eps, "attn": l_attn, "prior": l_pr}
+        terms = {"eps": l_eps, "attn": l_attn, "prior": l_pr}
+        if cfg.lambda_rm > 0:
+            terms["removed"] = self._removed_term(student, prev, batch, jax.random.fold_in(rng, 2), fused)
+        return terms
+
+    def _removed_term(self, student: nnx.State, prev: nnx.State, batch: Mapping[str, jax.Array],
+                      rng: jax.Array, fused: bool) -> jax.Array:
+        """L_rm: the student matches ε_prev on earlier targets' prompts (weighted per item)."""
+        f, z0 = self.unet_fn, batch["removed_z0"]
+        x_t, t, _ = B.noisy(self.schedule, z0, rng)
+        probe = TargetMask(jnp.zeros(batch["removed_ctx"].shape[:2], jnp.float32)) if fused else None
+        pred, _ = f(student, x_t, t, **B.cond(batch, "removed"), probe_tokens=probe)
+        target, _ = f(prev, x_t, t, **B.cond(batch, "removed"))
+        diff = pred.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)
+        per_item = jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+        w = batch["removed_w"].astype(jnp.float32)
+        return jnp.sum(w * per_item) / jnp.maximum(jnp.sum(w), 1.0)
 
     def loss(self, params: nnx.State, frozen: B.Frozen, batch: Mapping[str, jax.Array],
              rng: jax.Array) -> tuple[jax.Array, B.Metrics]:
         m = self.terms(params, frozen, batch, rng)
         l_u = m["eps"] + self.cfg.gamma * m["attn"]
         total = l_u + self.cfg.lambda_pr * m["prior"]
+        if "removed" in m:
+            total = total + self.cfg.lambda_rm * m["removed"]
         return total, {"loss": total.astype(jnp.float32), "unlearn": l_u, **m}
 
 
 def build(cfg: Config, unet_fn: B.UNetFn, schedule: S.NoiseSchedule) -> DUGE:
     validate(cfg, schedule)
-    needs = B.DataNeeds(mapped=True, prior=True, token_positions=True, forget=cfg.x_source == "forget")
+    needs = B.DataNeeds(mapped=True, prior=True, token_positions=True, forget=cfg.x_source == "forget",
+                        removed=cfg.lambda_rm > 0)
     return DUGE(cfg=cfg, unet_fn=unet_fn, schedule=schedule, needs=needs)
