@@ -291,7 +291,10 @@ def request_prompts(req: Request, cfg: DataConfig, removed: Sequence[str], ancho
     if not retain:
         retain = [" ".join(t.replace("{}", "").split()) or "" for t in templates]
     prior = related or retain
-    earlier = [p for r in removed_requests for p in r.forget_prompts(_templates(r, cfg))]
+    # round-robin over the earlier requests, so that a removed set smaller than the prompt list
+    # (data.removed_images, cycled from the front) still covers every earlier target
+    per_request = [r.forget_prompts(_templates(r, cfg)) for r in removed_requests]
+    earlier = [ps[i] for i in range(max(map(len, per_request), default=0)) for ps in per_request if i < len(ps)]
     earlier = list(dict.fromkeys(p for p in earlier if not _mentions(p, [req.target])))
     return RequestPrompts(req.target, anchor, req.domain, forget, mapped, retain, prior, earlier)
 

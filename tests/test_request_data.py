@@ -28,3 +28,17 @@ def test_sets_of_different_lengths_round_trip(tmp_path):
     save_dataset(folder, {"forget_prompt": ["x"]})
     assert list(load_dataset_columns(folder)) == ["forget_prompt"]
     assert not (tmp_path / "request-001.tmp").exists()
+
+
+def test_removed_prompts_cover_every_earlier_target_round_robin():
+    # the removed set is cycled from the front of this list: interleaving the earlier requests
+    # keeps every earlier target in a set smaller than the list; the current target is excluded
+    from jaxforget.engine import DataConfig, request_prompts
+    from jaxforget.requests import Request
+
+    cfg = DataConfig(templates=("a {}", "a red {}", "{} on grid"))
+    earlier = [Request(target=t) for t in ("circle", "star", "heart")]
+    pr = request_prompts(Request(target="grid"), cfg, ["circle", "star", "heart"], "plain", earlier)
+    assert pr.removed == ["a circle", "a star", "a heart", "a red circle", "a red star", "a red heart"]
+    assert all(any(t in p for p in pr.removed[:3]) for t in ("circle", "star", "heart"))
+    assert request_prompts(Request(target="grid"), cfg, [], "plain").removed == []
