@@ -138,9 +138,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from jaxforget.eval.hook import make_evaluator
 
     _check_requests_file(args.concepts)
-    cfg = load_run_config(args.config, args.overrides, args.run_dir, args.model)
-    if args.config is None and run_config_path(None, args.overrides, args.model):
-        print(f"config: {TOYWORLD_DFR_CONFIG} (the default with the shipped toy-world model)")
+    config = run_config_path(args.config, args.overrides, args.model)
+    if config != args.config:
+        print(f"config: {config} (the default with the shipped toy-world model)")
+    cfg = load_run_config(config, args.overrides, args.run_dir, args.model)
     run = ContinualRun(cfg, evaluator=make_evaluator(cfg))
     try:
         summaries = run.run(args.concepts)
