@@ -143,7 +143,7 @@ class DataConfig:
     forget_images: int = 32  # teacher images of forget (and mapped) prompts per request
     retain_images: int = 64  # replay images of retain prompts
     prior_images: int = 32  # base-model images of related concepts (DUGE prior)
-    removed_images: int = 32  # ε_prev's images of earlier targets' prompts (DUGE lambda_rm > 0)
+    removed_images: int = 32  # ε_prev's images of earlier targets' prompts (dfr / duge lambda_rm > 0)
     sampler: str = "ddim"
     num_inference_steps: int = 30
     guidance_scale: float = 1.0  # DFR's reference generation uses no guidance

@@ -218,6 +218,42 @@ def test_dfr_replay_mode_vpred_and_base_teacher(world):
     _close(met_teach["preserve"], sqmean(pred, ref_apply(w, w["base"], x, t, b["retain_ctx"])[0]))
 
 
+def test_dfr_removed_term_holds_earlier_removals(world):
+    """dfr lambda_rm > 0: L_rm (base.removed_distill) on the removed set with key fold_in(rng, 2),
+    weighted per item; unlearn / preserve / reg keep their draws; all-zero weights give 0."""
+    w, sch = world, S.make_schedule()
+    m = dfr.build(dfr.Config(lambda_rm=2.0), w["unet_fn"], sch)
+    assert m.needs == B.DataNeeds(forget=True, retain=True, removed=True)
+    ks = jax.random.split(jax.random.PRNGKey(6), 2)
+    batch = dict(w["batch"], removed_ctx=jax.random.normal(ks[0], (BSZ, SEQ, DIM)),
+                 removed_z0=jax.random.normal(ks[1], (BSZ, 8, 8, 4)),
+                 removed_w=jnp.array([0.0, 1.0], jnp.float32))
+    rng = jax.random.PRNGKey(13)
+    (loss, met), (g_params, g_frozen) = jit(jax.value_and_grad(m.loss, argnums=(0, 1), has_aux=True))(
+        w["params"], w["frozen"], batch, rng)
+    plain = dfr.build(dfr.Config(), w["unet_fn"], sch)
+    _, met_plain = jit(lambda p, f, b, r: plain.loss(p, f, b, r))(w["params"], w["frozen"], batch, rng)
+
+    st = _student(w)
+    x, t, _ = ref_noisy(sch, batch["removed_z0"], jax.random.fold_in(rng, 2), 999)
+    diff = ref_apply(w, st, x, t, batch["removed_ctx"])[0] - ref_apply(w, w["prev"], x, t, batch["removed_ctx"])[0]
+    per_item = np.mean(diff ** 2, axis=(1, 2, 3))
+    want_rm = float(per_item[1])  # item 0 has weight 0
+    assert want_rm > 0 and abs(per_item[0] - want_rm) > 1e-3 * want_rm  # the weight matters
+    for k in ("unlearn", "preserve", "reg"):
+        _close(met[k], float(met_plain[k]))
+    _close(met["removed"], want_rm)
+    _close(loss, float(met_plain["loss"]) + 2.0 * want_rm)
+    _check_grads(w, m, g_params, g_frozen)
+
+    zero = dict(batch, removed_w=jnp.zeros(BSZ, jnp.float32))
+    loss0, met0 = jit(lambda p, f, b, r: m.loss(p, f, b, r))(w["params"], w["frozen"], zero, rng)
+    assert float(met0["removed"]) == 0.0
+    _close(loss0, float(met_plain["loss"]))
+    with pytest.raises(ConfigError, match="lambda_rm"):
+        dfr.build(dfr.Config(lambda_rm=-1.0), w["unet_fn"], sch)
+
+
 def test_dfr_config_is_validated(world):
     sch = S.make_schedule()
     for cfg in (dfr.Config(teacher="student"), dfr.Config(preserve_mode="x"), dfr.Config(unlearn_t_max=1000)):

@@ -147,6 +147,22 @@ def cond(batch: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array | N
     }
 
 
+def removed_distill(unet_fn: "UNetFn", schedule: S.NoiseSchedule, student: nnx.State, prev: nnx.State,
+                    batch: Mapping[str, jax.Array], rng: jax.Array,
+                    student_kwargs: Mapping[str, Any] | None = None) -> jax.Array:
+    """L_rm, jaxforget's continual term (``lambda_rm`` of DFR and DUGE): the student matches
+    sg[ε_prev] on ε_prev's images of earlier targets' prompts (``removed_z0`` / ``removed_ctx``),
+    t ~ U{0..T−1}; per-item mean squared error weighted by ``removed_w`` and divided by
+    max(Σ w, 1), so the all-zero set of the first request gives exactly 0."""
+    x_t, t, _ = noisy(schedule, batch["removed_z0"], rng)
+    pred, _ = unet_fn(student, x_t, t, **cond(batch, "removed"), **(student_kwargs or {}))
+    target, _ = unet_fn(prev, x_t, t, **cond(batch, "removed"))
+    diff = pred.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)
+    per_item = jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+    w = batch["removed_w"].astype(jnp.float32)
+    return jnp.sum(w * per_item) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def span_sum(probs: jax.Array, mask: jax.Array) -> jax.Array:
     """agg over a span: attention probs [B, heads, HW, K] at K probed positions, masked sum
     over the valid ones -> [B, heads, HW] (spans of different lengths compare)."""

@@ -11,6 +11,11 @@ One backward pass on ::
   replay with distillation on ``retain_z0``, t ~ U{0..999}; teacher = ε_prev (release) or ε_base.
   ``preserve_mode="replay"`` (ablation) regresses onto the training target instead
   (``schedulers.training_target``: the noise, or v for v-prediction schedules).
+- ``L_rm`` (jaxforget's continual extension, ``lambda_rm`` > 0; off by default, as in the
+  release): ``base.removed_distill`` on ε_prev's images of the earlier targets' prompts. The
+  replay set never mentions an earlier target, so nothing else holds an earlier removal when a
+  later request shares its anchor (toy world, attn2: the circle came back to 54 % when the
+  triangle was removed, NOTES.md).
 - ``L_reg = Σ (θ − θ_{k-1})²`` over all trainable elements (a sum, not a mean). It is computed on
   the *materialized* student against ``frozen.prev`` over every floating leaf: leaves that are not
   trained are equal to θ_{k-1} and contribute zero (and are skipped when ``materialize`` passed
@@ -21,7 +26,7 @@ Every "ε" is the model's own output, so v-prediction schedules work unchanged (
 compared with outputs).
 
 Data sets read (``needs``): ``forget`` (forget_ctx, forget_z0), ``retain`` (retain_ctx,
-retain_z0), and ``mapped_ctx``: DFR needs the mapped *prompts* only, never ε_prev's images for them,
+retain_z0), ``removed`` (removed_ctx, removed_z0, removed_w; only with lambda_rm > 0), and ``mapped_ctx``: DFR needs the mapped *prompts* only, never ε_prev's images for them,
 so ``needs.mapped`` is False — the engine supplies ``mapped_ctx`` beside ``forget_ctx`` for every
 request (p_m is aligned one to one with p_f). ``frozen.base`` is read only with ``teacher="base"``
 (``Method.needs_base``). Note the continual rule: distilling from ε_base on prompts that mention an
@@ -58,6 +63,7 @@ class Config:
     unlearn_t_max: int = 700  # t ~ U{0..unlearn_t_max} for L_unlearn
     teacher: str = "prev"  # "prev" | "base": whose prediction L_preserve distils
     preserve_mode: str = "distill"  # "distill" | "replay" (target = noise / v)
+    lambda_rm: float = 0.0  # weight of L_rm (keep earlier removals; 0 = off, the release)
 
 
 TEACHERS = ("prev", "base")
@@ -70,6 +76,8 @@ def validate(cfg: Config, schedule: S.NoiseSchedule) -> None:
     if cfg.preserve_mode not in PRESERVE_MODES:
         raise ConfigError(f"dfr.preserve_mode={cfg.preserve_mode!r} is not supported "
                           f"(use one of {', '.join(PRESERVE_MODES)})")
+    if cfg.lambda_rm < 0:
+        raise ConfigError(f"dfr.lambda_rm={cfg.lambda_rm} must be >= 0")
     if not 0 <= cfg.unlearn_t_max < schedule.num_train_timesteps:
         raise ConfigError(f"dfr.unlearn_t_max={cfg.unlearn_t_max} must lie in "
                           f"[0, {schedule.num_train_timesteps - 1}]")
@@ -115,7 +123,7 @@ class DFR:
 
     def terms(self, params: nnx.State, frozen: B.Frozen, batch: Mapping[str, jax.Array],
               rng: jax.Array) -> dict[str, jax.Array]:
-        """The three unweighted terms (fp32 scalars): unlearn, preserve, reg."""
+        """The unweighted terms (fp32 scalars): unlearn, preserve, reg (+ removed when lambda_rm > 0)."""
         cfg, f = self.cfg, self.unet_fn
         k_u, k_p = jax.random.split(rng)
         student = f.student(params, frozen)
@@ -145,19 +153,26 @@ class DFR:
         l_preserve = B.mse(pred, jax.lax.stop_gradient(target))
 
         l_reg = param_sq_dist(student, prev, frozen.rest)
-        return {"unlearn": l_unlearn, "preserve": l_preserve, "reg": l_reg}
+        terms = {"unlearn": l_unlearn, "preserve": l_preserve, "reg": l_reg}
+        if cfg.lambda_rm > 0:  # its own key, so the other terms' draws do not change
+            terms["removed"] = B.removed_distill(f, self.schedule, student, prev, batch,
+                                                 jax.random.fold_in(rng, 2))
+        return terms
 
     def loss(self, params: nnx.State, frozen: B.Frozen, batch: Mapping[str, jax.Array],
              rng: jax.Array) -> tuple[jax.Array, B.Metrics]:
         m = self.terms(params, frozen, batch, rng)
         c = self.cfg
         total = c.lambda_u * m["unlearn"] + c.lambda_p * m["preserve"] + c.lambda_r * m["reg"]
+        if "removed" in m:
+            total = total + c.lambda_rm * m["removed"]
         return total, {"loss": total.astype(jnp.float32), **m}
 
 
 def build(cfg: Config, unet_fn: B.UNetFn, schedule: S.NoiseSchedule) -> DFR:
     validate(cfg, schedule)
-    return DFR(cfg=cfg, unet_fn=unet_fn, schedule=schedule)
+    needs = B.DataNeeds(forget=True, retain=True, removed=cfg.lambda_rm > 0)
+    return DFR(cfg=cfg, unet_fn=unet_fn, schedule=schedule, needs=needs)
 
 
 # ----------------------------------------------------------------------------- automatic anchor

@@ -195,16 +195,10 @@ class DUGE:
 
     def _removed_term(self, student: nnx.State, prev: nnx.State, batch: Mapping[str, jax.Array],
                       rng: jax.Array, fused: bool) -> jax.Array:
-        """L_rm: the student matches ε_prev on earlier targets' prompts (weighted per item)."""
-        f, z0 = self.unet_fn, batch["removed_z0"]
-        x_t, t, _ = B.noisy(self.schedule, z0, rng)
+        """L_rm (``base.removed_distill``); with the kernel the student call runs fused too."""
         probe = TargetMask(jnp.zeros(batch["removed_ctx"].shape[:2], jnp.float32)) if fused else None
-        pred, _ = f(student, x_t, t, **B.cond(batch, "removed"), probe_tokens=probe)
-        target, _ = f(prev, x_t, t, **B.cond(batch, "removed"))
-        diff = pred.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)
-        per_item = jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
-        w = batch["removed_w"].astype(jnp.float32)
-        return jnp.sum(w * per_item) / jnp.maximum(jnp.sum(w), 1.0)
+        return B.removed_distill(self.unet_fn, self.schedule, student, prev, batch, rng,
+                                 student_kwargs={"probe_tokens": probe})
 
     def loss(self, params: nnx.State, frozen: B.Frozen, batch: Mapping[str, jax.Array],
              rng: jax.Array) -> tuple[jax.Array, B.Metrics]:
