@@ -167,6 +167,22 @@ def _check_grads(w, m, g_params, g_frozen):
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g_frozen.prev)) == 0.0, m.name
 
 
+def _with_removed(w, seed, weights):
+    """w's batch plus a random removed set (removed_ctx / z0) with per-item weights."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 2)
+    return dict(w["batch"], removed_ctx=jax.random.normal(ks[0], (BSZ, SEQ, DIM)),
+                removed_z0=jax.random.normal(ks[1], (BSZ, 8, 8, 4)),
+                removed_w=jnp.array(weights, jnp.float32))
+
+
+def _removed_per_item(w, sch, batch, rng):
+    """Hand evaluation of L_rm's per-item terms: mean (ε_θ − ε_prev)² on the removed set, key fold_in(rng, 2)."""
+    x, t, _ = ref_noisy(sch, batch["removed_z0"], jax.random.fold_in(rng, 2), 999)
+    diff = (ref_apply(w, _student(w), x, t, batch["removed_ctx"])[0]
+            - ref_apply(w, w["prev"], x, t, batch["removed_ctx"])[0])
+    return np.mean(diff ** 2, axis=(1, 2, 3))
+
+
 # ----------------------------------------------------------------------------- DFR
 def test_dfr_terms_grads_reg_and_jit(world):
     w, sch = world, S.make_schedule()
@@ -224,20 +240,14 @@ def test_dfr_removed_term_holds_earlier_removals(world):
     w, sch = world, S.make_schedule()
     m = dfr.build(dfr.Config(lambda_rm=2.0), w["unet_fn"], sch)
     assert m.needs == B.DataNeeds(forget=True, retain=True, removed=True)
-    ks = jax.random.split(jax.random.PRNGKey(6), 2)
-    batch = dict(w["batch"], removed_ctx=jax.random.normal(ks[0], (BSZ, SEQ, DIM)),
-                 removed_z0=jax.random.normal(ks[1], (BSZ, 8, 8, 4)),
-                 removed_w=jnp.array([0.0, 1.0], jnp.float32))
+    batch = _with_removed(w, 6, [0.0, 1.0])
     rng = jax.random.PRNGKey(13)
     (loss, met), (g_params, g_frozen) = jit(jax.value_and_grad(m.loss, argnums=(0, 1), has_aux=True))(
         w["params"], w["frozen"], batch, rng)
     plain = dfr.build(dfr.Config(), w["unet_fn"], sch)
     _, met_plain = jit(lambda p, f, b, r: plain.loss(p, f, b, r))(w["params"], w["frozen"], batch, rng)
 
-    st = _student(w)
-    x, t, _ = ref_noisy(sch, batch["removed_z0"], jax.random.fold_in(rng, 2), 999)
-    diff = ref_apply(w, st, x, t, batch["removed_ctx"])[0] - ref_apply(w, w["prev"], x, t, batch["removed_ctx"])[0]
-    per_item = np.mean(diff ** 2, axis=(1, 2, 3))
+    per_item = _removed_per_item(w, sch, batch, rng)
     want_rm = float(per_item[1])  # item 0 has weight 0
     assert want_rm > 0 and abs(per_item[0] - want_rm) > 1e-3 * want_rm  # the weight matters
     for k in ("unlearn", "preserve", "reg"):
@@ -415,17 +425,11 @@ def test_duge_removed_term_holds_earlier_removals(world):
     w, sch = world, S.make_schedule()
     m = duge.build(duge.Config(lambda_rm=3.0), w["unet_fn"], sch)
     assert m.needs == B.DataNeeds(mapped=True, prior=True, token_positions=True, removed=True)
-    ks = jax.random.split(jax.random.PRNGKey(5), 2)
-    batch = dict(w["batch"], removed_ctx=jax.random.normal(ks[0], (BSZ, SEQ, DIM)),
-                 removed_z0=jax.random.normal(ks[1], (BSZ, 8, 8, 4)),
-                 removed_w=jnp.array([1.0, 0.0], jnp.float32))
+    batch = _with_removed(w, 5, [1.0, 0.0])
     rng = jax.random.PRNGKey(24)
     (loss, met), (g_params, g_frozen) = jit(jax.value_and_grad(m.loss, argnums=(0, 1), has_aux=True))(
         w["params"], w["frozen"], batch, rng)
-    x, t, _ = ref_noisy(sch, batch["removed_z0"], jax.random.fold_in(rng, 2), 999)
-    st = _student(w)
-    diff = ref_apply(w, st, x, t, batch["removed_ctx"])[0] - ref_apply(w, w["prev"], x, t, batch["removed_ctx"])[0]
-    per_item = np.mean(diff ** 2, axis=(1, 2, 3))
+    per_item = _removed_per_item(w, sch, batch, rng)
     want_rm = float(per_item[0])  # item 1 has weight 0
     assert want_rm > 0 and abs(per_item[1] - want_rm) > 1e-3 * want_rm  # the weight matters
     layers = sorted(ref_apply(w, w["prev"], np.zeros((BSZ, 8, 8, 4), np.float32), np.ones(BSZ, np.int32),

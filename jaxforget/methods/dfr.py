@@ -26,8 +26,9 @@ Every "ε" is the model's own output, so v-prediction schedules work unchanged (
 compared with outputs).
 
 Data sets read (``needs``): ``forget`` (forget_ctx, forget_z0), ``retain`` (retain_ctx,
-retain_z0), ``removed`` (removed_ctx, removed_z0, removed_w; only with lambda_rm > 0), and ``mapped_ctx``: DFR needs the mapped *prompts* only, never ε_prev's images for them,
-so ``needs.mapped`` is False — the engine supplies ``mapped_ctx`` beside ``forget_ctx`` for every
+retain_z0), ``removed`` (removed_ctx, removed_z0, removed_w; only with lambda_rm > 0), and
+``mapped_ctx``: DFR needs the mapped *prompts* only, never ε_prev's images for them, so
+``needs.mapped`` is False — the engine supplies ``mapped_ctx`` beside ``forget_ctx`` for every
 request (p_m is aligned one to one with p_f). ``frozen.base`` is read only with ``teacher="base"``
 (``Method.needs_base``). Note the continual rule: distilling from ε_base on prompts that mention an
 earlier target can revive it; ``teacher="prev"`` is the safe default.
