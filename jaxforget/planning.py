@@ -672,46 +672,117 @@ CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_disable_hlo_passes": "cpu-all-reduc
                                         "xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 
+def _build_step(spec: PlanSpec, checked: Checked, mesh: Mesh, attention_chunk: int):
+    """The DFR train step on the abstract UNet and its abstract arguments, sharded on ``mesh``:
+    (step, (params, opt_state, frozen, batch, rng), split, state)."""
+    from jaxforget import engine as E  # heavy import (pipeline, store): only when planning
+    from jaxforget.methods import dfr, regularizers as REG
+
+    cfg, hw = checked.config, checked.latent_hw
+    rep = SH.replicated(mesh)
+    graphdef, state = abstract_unet(cfg, DTYPES[spec.dtype], attention_chunk)
+    state = with_shardings(state, mesh)
+    split = TR.split_trainable(state, TR.Config(filter=spec.trainable))
+    unet_fn = MB.UNetFn(graphdef, split.materialize, remat=spec.remat)
+    schedule = S.make_schedule()  # SD's scaled-linear 1000-step schedule (FLOPs do not depend on it)
+    method = dfr.build(dfr.Config(), unet_fn, schedule)
+    tx = E.make_optimizer(E.OptimConfig(), steps=1000)
+    step = E.make_train_step(method, unet_fn, REG.Config(), tx, split.trainable_paths)
+    # Adam moments mirror the params' shardings; scalars (count) replicated — as the engine does
+    opt_state = opt_state_like(tx, split.params, rep)
+    frozen = MB.Frozen(rest=split.rest, prev=state, base=None, reg=None)
+    batch = abstract_batch(cfg, spec.batch, hw, spec.seq_len, mesh)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+    return step, (split.params, opt_state, frozen, batch, rng), split, state
+
+
+def _plan_mesh(spec: PlanSpec, devices: list[jax.Device] | None) -> Mesh:
+    n = spec.devices
+    devices = list(devices if devices is not None else jax.devices())
+    if len(devices) < n:
+        raise ConfigError(f"--mesh {spec.mesh_str} needs {n} devices, only {len(devices)} visible "
+                          f"(set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts)")
+    return SH.make_mesh(spec.mesh_shape, devices[:n])
+
+
+def _lowered_unchunked_flops(spec: PlanSpec, checked: Checked, mesh: Mesh) -> float:
+    """Global FLOPs of one step from XLA's cost analysis of the step lowered (not compiled) with
+    whole-sequence attention. XLA counts a loop body once, and chunked attention is a loop over
+    the chunks; the math is identical, so this is the chunked step's count too."""
+    step, args, _, _ = _build_step(spec, checked, mesh, 0)
+    lowered = jax.jit(step, in_shardings=tuple(shardings_of(a) for a in args)).lower(*args)
+    return _cost_flops(lowered)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """``plan.py --flops-only``: the step's FLOPs without the XLA compile (seconds, not the ~1 h
+    of an SDXL compile), checked against the analytic count like a full plan."""
+
+    spec: PlanSpec
+    resolution: int
+    lowered_flops: float  # global, one step
+    analytic_fwd_flops: float
+    multiplier: float
+    lower_seconds: float
+
+    @property
+    def analytic_step_flops(self) -> float:
+        return self.multiplier * self.analytic_fwd_flops
+
+    @property
+    def ratio(self) -> float:
+        return self.lowered_flops / self.analytic_step_flops
+
+    @property
+    def agree(self) -> bool:
+        return abs(self.ratio - 1) <= Plan.FLOP_TOLERANCE
+
+    def report(self) -> str:
+        s = self.spec
+        return "\n".join([
+            f"flops: model={s.model} method={s.method} mesh={s.mesh_str} batch={s.batch}/set "
+            f"resolution={self.resolution} dtype={s.dtype} remat={s.remat} "
+            f"attention_chunk={s.attention_chunk or 'off'} trainable={s.trainable} "
+            f"(step lowered, not compiled, in {self.lower_seconds:.1f} s)",
+            f"FLOPs per step: lowered unchunked step {self.lowered_flops:.4g} (global, before SPMD partitioning)",
+            f"  analytic step = {self.multiplier:g} × forward {self.analytic_fwd_flops:.4g} = "
+            f"{self.analytic_step_flops:.4g}",
+            f"  FLOP check: lowered / analytic = {self.ratio:.3f} -> "
+            f"{'within' if self.agree else 'OUTSIDE'} ±{Plan.FLOP_TOLERANCE:.0%}",
+        ])
+
+
+def count_flops(spec: PlanSpec, devices: list[jax.Device] | None = None) -> FlopCount:
+    """The FLOP line of ``plan(spec)`` for a chunked-attention spec, without compiling: the step is
+    lowered with whole-sequence attention (what ``plan`` counts when chunking is on)."""
+    checked = check_spec(spec)
+    mesh = _plan_mesh(spec, devices)
+    t0 = time.perf_counter()
+    flops = _lowered_unchunked_flops(spec, checked, mesh)
+    secs = time.perf_counter() - t0
+    hw = checked.latent_hw
+    fwd = unet_forward_flops(checked.config, spec.batch, hw[0], hw[1], spec.seq_len)["total"]
+    return FlopCount(spec=spec, resolution=checked.resolution, lowered_flops=flops, analytic_fwd_flops=fwd,
+                     multiplier=step_forward_multiplier(spec.method, spec.remat), lower_seconds=secs)
+
+
 def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
          compiler_options: Mapping[str, Any] | None = None,
          progress: Callable[[str], None] | None = None) -> Plan:
     """Build the abstract UNet, lower + compile one unlearning step for the mesh, and measure it.
     ``compiler_options``: XLA options for the compile; None = ``CPU_COMPILER_OPTIONS`` on CPU.
     ``progress``: called with a line at each phase (SDXL-size compiles take many minutes)."""
-    from jaxforget import engine as E  # heavy import (pipeline, store): only when planning
-    from jaxforget.methods import dfr, regularizers as REG
-
     checked = check_spec(spec)
     cfg, hw = checked.config, checked.latent_hw
     shape = spec.mesh_shape
     n = spec.devices
-    devices = list(devices if devices is not None else jax.devices())
-    if len(devices) < n:
-        raise ConfigError(f"--mesh {spec.mesh_str} needs {n} devices, only {len(devices)} visible "
-                          f"(set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts)")
-    mesh = SH.make_mesh(shape, devices[:n])
-    if compiler_options is None and devices[0].platform == "cpu":
+    mesh = _plan_mesh(spec, devices)
+    if compiler_options is None and mesh.devices.flat[0].platform == "cpu":
         compiler_options = CPU_COMPILER_OPTIONS
-
     rep = SH.replicated(mesh)
-
-    def build(attention_chunk: int):
-        graphdef, state = abstract_unet(cfg, DTYPES[spec.dtype], attention_chunk)
-        state = with_shardings(state, mesh)
-        split = TR.split_trainable(state, TR.Config(filter=spec.trainable))
-        unet_fn = MB.UNetFn(graphdef, split.materialize, remat=spec.remat)
-        schedule = S.make_schedule()  # SD's scaled-linear 1000-step schedule (FLOPs do not depend on it)
-        method = dfr.build(dfr.Config(), unet_fn, schedule)
-        tx = E.make_optimizer(E.OptimConfig(), steps=1000)
-        step = E.make_train_step(method, unet_fn, REG.Config(), tx, split.trainable_paths)
-        # Adam moments mirror the params' shardings; scalars (count) replicated — as the engine does
-        opt_state = opt_state_like(tx, split.params, rep)
-        frozen = MB.Frozen(rest=split.rest, prev=state, base=None, reg=None)
-        batch = abstract_batch(cfg, spec.batch, hw, spec.seq_len, mesh)
-        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-        return step, (split.params, opt_state, frozen, batch, rng), split, state
-
-    step, (params, opt_state, frozen, batch, rng), split, state = build(spec.attention_chunk)
+    step, (params, opt_state, frozen, batch, rng), split, state = _build_step(spec, checked, mesh,
+                                                                              spec.attention_chunk)
 
     timings: dict[str, float] = {}
     if progress is not None:
@@ -730,9 +801,7 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
         # math is identical), per device = global / devices
         if progress is not None:
             progress("counting FLOPs on the unchunked step (XLA counts a loop body once) ...")
-        plain_step, plain_args, _, _ = build(0)
-        lowered = jax.jit(plain_step, in_shardings=tuple(shardings_of(a) for a in plain_args)).lower(*plain_args)
-        compiled_flops = _cost_flops(lowered) / n
+        compiled_flops = _lowered_unchunked_flops(spec, checked, mesh) / n
         flops_source = "lowered unchunked step"
 
     fwd = unet_forward_flops(cfg, spec.batch, hw[0], hw[1], spec.seq_len)

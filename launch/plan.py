@@ -6,6 +6,9 @@ One plan:
     python launch/plan.py --model sdxl --mesh fsdp=8 --batch 8 --method dfr \
         [--resolution 1024] [--remat none|full|dots|layers] [--dtype fp32|bf16] [--attention-chunk 0] [--mfu 0.4]
 
+Only the FLOP count and its check against the analytic count (the step lowered, not compiled):
+    python launch/plan.py --model sdxl --mesh fsdp=8 --batch 8 --method dfr --resolution 1024 --flops-only
+
 A sweep (CSV + plot; failed combinations are rows with their error):
     python launch/plan.py sweep --models sd15,sd21,sdxl --resolutions 512,1024 --batches 1,8 \
         --meshes "fsdp=8;data=2,fsdp=4" [--remat full] [--dtype bf16] --out DIR
@@ -51,6 +54,9 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default="data=1", help="axis=size pairs over data, fsdp, tensor")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: config sample_size × 8)")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only the FLOP count and its analytic check: lower the step, skip the XLA compile "
+                        "(seconds instead of up to an hour for SDXL); no memory figures")
     _common(p)
     return p
 
@@ -92,6 +98,9 @@ def _plan(argv: list[str]) -> int:
     PL.check_spec(spec)  # bad input fails here, before the backend starts or anything compiles
     _set_device_count(spec.devices)
     t0 = time.time()
+    if args.flops_only:
+        print(PL.count_flops(spec).report(), flush=True)
+        return 0
     progress = lambda line: print(f"[{time.time() - t0:7.1f} s] {line}", file=sys.stderr, flush=True)  # noqa: E731
     print(PL.plan(spec, progress=progress).report(), flush=True)
     return 0

@@ -122,6 +122,11 @@ def test_attention_chunk_lowers_planned_temp(tmp_path):
     assert "attention_chunk=128" in chunked.report() and "attention_chunk=off" in whole.report()
     assert "lowered / analytic" in chunked.report() and "counted before SPMD partitioning" in chunked.report()
     assert chunked.row()["attention_chunk"] == 128
+    # plan.py --flops-only: the same FLOP line without the compile (the same lowering, so equal)
+    count = PL.count_flops(specs[1], jax.devices()[:2])
+    assert count.lowered_flops == pytest.approx(chunked.global_compiled_flops, rel=1e-9)
+    assert count.ratio == pytest.approx(chunked.flops_ratio, rel=1e-9) and count.agree
+    assert "within ±15%" in count.report() and "not compiled" in count.report()
 
 
 def test_analytic_flops_conv_formula_and_padding():
@@ -284,6 +289,21 @@ def _main(argv, capsys):
 def test_cli_bad_input_one_line_exit_2(argv, needle, capsys):
     rc, err = _main(argv, capsys)
     assert rc == 2 and len(err) == 1 and needle in err[0], (rc, err)
+
+
+def test_cli_flops_only_skips_the_compile(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MINI))
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import plan as cli
+    finally:
+        sys.path.pop(0)
+    rc = cli.main(["--model", str(path), "--mesh", "fsdp=2", "--batch", "2", "--seq-len", "7", "--flops-only"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "FLOP check: lowered / analytic" in out and "within ±15%" in out, out
+    assert "per-device memory" not in out  # nothing compiled, so no buffer assignment
 
 
 def test_bad_model_config_is_one_line(tmp_path):
