@@ -2,6 +2,10 @@
 
 Every key is checked against the dataclass (unknown key, wrong type -> ConfigError naming the file,
 line and dotted field), so a typo stops a run before any work is done.
+
+A file may start from another: ``extends: duge.yaml`` (a path relative to the file) loads that
+file first and merges this one's keys over it, mappings key by key. Each file is checked on its
+own, so an error names the file and line where it is.
 """
 
 from __future__ import annotations
@@ -188,15 +192,38 @@ def _merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
+EXTENDS_KEY = "extends"
+
+
+def _read_checked(cls: type, path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, int]]:
+    """A config file's data merged over the file it ``extends`` (recursively), each file checked
+    against ``cls`` on its own; (data, line numbers of this file's keys)."""
+    data, lines = read_yaml(path)
+    parent = data.pop(EXTENDS_KEY, None)
+    from_dict(cls, data, lines=lines, source=str(path))  # file errors name the file and line
+    if parent is None:
+        return data, lines
+    where = f"{path}:{lines.get(EXTENDS_KEY, 1)}"
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{where}: {EXTENDS_KEY}: expected the path of a YAML config, got {parent!r}")
+    target = (path.parent / parent).resolve()
+    if target in seen or target == path.resolve():
+        raise ConfigError(f"{where}: {EXTENDS_KEY}: {parent!r} extends this file again (a cycle)")
+    if not target.is_file():
+        raise ConfigError(f"{where}: {EXTENDS_KEY}: {parent!r} not found (looked for {target})")
+    base, _ = _read_checked(cls, target, seen + (path.resolve(),))
+    return _merge(base, data), lines
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls`` <- YAML file <- command-line overrides; every key validated."""
+    """Defaults of ``cls`` <- YAML file (over the file it ``extends``, if any) <- command-line
+    overrides; every key validated."""
     data: dict = {}
     lines: dict[str, int] = {}
     source = ""
     if path is not None:
-        data, lines = read_yaml(path)
+        data, lines = _read_checked(cls, Path(path))
         source = str(path)
-        from_dict(cls, data, lines=lines, source=source)  # file errors name the file and line
     if overrides:
         over = apply_overrides({}, overrides)
         try:

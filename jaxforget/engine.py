@@ -950,8 +950,13 @@ class ContinualRun:
         if n == 0:
             return reg_state
         fn = MB.UNetFn(self.graphdef, lambda p, r: r)
+        sdxl = {}
+        if "retain_pooled" in data.arrays:  # SDXL: the UNet's added conditioning, as in training
+            time_ids = data.arrays["time_ids"]
+            sdxl = {"retain_pooled": data.arrays["retain_pooled"][:n],
+                    "time_ids": np.broadcast_to(time_ids[:1], (n,) + time_ids.shape[1:]).copy()}
         new = REG.fisher_diagonal(fn, state, self.model.schedule, data.arrays["retain_z0"][:n],
-                                  data.arrays["retain_ctx"][:n], jax.random.fold_in(root, 5), n)
+                                  data.arrays["retain_ctx"][:n], jax.random.fold_in(root, 5), n, **sdxl)
         return REG.update_fisher(reg_state, new, rc.ewc_gamma)
 
 

@@ -65,3 +65,39 @@ def test_bad_configs_name_file_line_and_field(tmp_path, text, overrides, message
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(Cfg, tmp_path / "nope.yaml")
+
+
+def test_extends_merges_over_the_parent_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 5\nname: base\nopt:\n  lr: 3\n  kind: sgd\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    child = sub / "child.yaml"
+    child.write_text("extends: ../base.yaml\nname: child\nopt:\n  lr: 0.5\n")
+    cfg = load_config(Cfg, child, ["steps=7"])
+    # the child's keys win, mappings merge key by key, overrides come last
+    assert cfg == Cfg(steps=7, name="child", opt=Opt(lr=0.5, kind="sgd"))
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text("extends: sub/child.yaml\nsteps: 9\n")
+    assert load_config(Cfg, grandchild) == Cfg(steps=9, name="child", opt=Opt(lr=0.5, kind="sgd"))
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"c.yaml": "steps: 2\nextends: nope.yaml\n"}, r"c.yaml:2: extends: 'nope.yaml' not found"),
+        ({"c.yaml": "extends: [a.yaml]\n"}, r"c.yaml:1: extends: expected the path of a YAML config"),
+        ({"c.yaml": "extends: c.yaml\n"}, r"c.yaml:1: extends: 'c.yaml' extends this file again"),
+        ({"c.yaml": "extends: b.yaml\n", "b.yaml": "extends: c.yaml\n"}, r"b.yaml:1: extends: 'c.yaml' extends"),
+        # an error in the parent names the parent's file and line
+        ({"c.yaml": "extends: b.yaml\nsteps: 3\n", "b.yaml": "name: b\nopt:\n  lrr: 1\n"},
+         r"b.yaml:3: unknown config key 'opt.lrr'"),
+        ({"c.yaml": "extends: b.yaml\nsteps: many\n", "b.yaml": "name: b\n"},
+         r"c.yaml:2: steps: expected an integer"),
+    ],
+)
+def test_bad_extends_is_one_line_naming_file_and_line(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(Cfg, tmp_path / "c.yaml")
+    assert "\n" not in str(info.value)
