@@ -206,12 +206,13 @@ def _read_checked(cls: type, path: Path, seen: tuple[Path, ...] = ()) -> tuple[d
     where = f"{path}:{lines.get(EXTENDS_KEY, 1)}"
     if not isinstance(parent, str) or not parent.strip():
         raise ConfigError(f"{where}: {EXTENDS_KEY}: expected the path of a YAML config, got {parent!r}")
+    chain = seen + (path.resolve(),)
     target = (path.parent / parent).resolve()
-    if target in seen or target == path.resolve():
+    if target in chain:
         raise ConfigError(f"{where}: {EXTENDS_KEY}: {parent!r} extends this file again (a cycle)")
     if not target.is_file():
         raise ConfigError(f"{where}: {EXTENDS_KEY}: {parent!r} not found (looked for {target})")
-    base, _ = _read_checked(cls, target, seen + (path.resolve(),))
+    base, _ = _read_checked(cls, target, chain)
     return _merge(base, data), lines
 
 

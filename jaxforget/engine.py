@@ -951,7 +951,7 @@ class ContinualRun:
             return reg_state
         fn = MB.UNetFn(self.graphdef, lambda p, r: r)
         sdxl = {}
-        if "retain_pooled" in data.arrays:  # SDXL: the UNet's added conditioning, as in training
+        if self.model.is_sdxl:  # the UNet's added conditioning, as in training
             time_ids = data.arrays["time_ids"]
             sdxl = {"retain_pooled": data.arrays["retain_pooled"][:n],
                     "time_ids": np.broadcast_to(time_ids[:1], (n,) + time_ids.shape[1:]).copy()}
