@@ -25,7 +25,8 @@ T = TypeVar("T")
 
 
 def _key_lines(text: str) -> dict[str, int]:
-    """Map dotted keys of a YAML mapping to their 1-based line numbers (for error messages)."""
+    """Map dotted keys of a YAML mapping to their 1-based line numbers (for error messages);
+    list items count as keys by index ("concepts.2.name")."""
     lines: dict[str, int] = {}
 
     def walk(node, prefix: str) -> None:
@@ -34,6 +35,10 @@ def _key_lines(text: str) -> dict[str, int]:
                 key = f"{prefix}{key_node.value}"
                 lines[key] = key_node.start_mark.line + 1
                 walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[f"{prefix}{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}{i}.")
 
     try:
         walk(yaml.compose(text), "")

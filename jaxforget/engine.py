@@ -160,6 +160,7 @@ class EvalHook:
 
     every: int = 1  # 0: off
     judge: str = "toyworld"  # toyworld | toyworld:<folder> | clip:<folder>
+    concept_set: str = ""  # YAML of the concepts to score (real models, with a clip judge); "" = the toy world's
     images_per_prompt: int = 4
     prompts_per_concept: int = 0  # 0 = all evaluation prompts of every concept
     num_inference_steps: int = 20
@@ -651,6 +652,8 @@ class ContinualRun:
             validate_requests([r], str(requests_path), tokenizer=self.model.tokenizer, removed=applied,
                               default_templates=_templates(r, self.cfg.data))
         validate_requests(pending, str(requests_path), removed=applied)  # duplicates across requests
+        if self.evaluator is not None and hasattr(self.evaluator, "check_targets"):
+            self.evaluator.check_targets(pending, str(requests_path))  # before any training
         if self.store is None:
             self.store = self._create_store()
         if not pending:

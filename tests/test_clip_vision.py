@@ -37,18 +37,14 @@ from jaxforget.models.clip_vision import (
     preprocess_images,
     resize_output_size,
 )
-from jaxforget.tokenizers import build_clip_tokenizer, encode_prompts
+from jaxforget.tokenizers import encode_prompts
+from tiny_pipelines import CLIP_IMAGE_SIZE, CLIP_PROJ, CLIP_VISION_CFG, build_clip_folder
 
 TOL = 1e-4
 TEXTS = ("a photo of a cat", "a painting of a dog in the style of van gogh", "an astronaut riding a horse",
          "a red car on a street", "a portrait of a woman, oil on canvas", "a sketch of a bird")
 LABELS = {"object": ["cat", "dog", "horse", "car", "bird"], "style": ["van gogh", "oil on canvas", "sketch"]}
-IMAGE_SIZE, PATCH = 32, 8
-TEXT_CFG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
-VISION_CFG = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=IMAGE_SIZE, patch_size=PATCH, hidden_act="gelu")
-PROJ = 20
+IMAGE_SIZE, PROJ, VISION_CFG = CLIP_IMAGE_SIZE, CLIP_PROJ, CLIP_VISION_CFG
 
 
 # jitted: one compile per input shape instead of one per primitive in eager mode (faster tests)
@@ -85,22 +81,7 @@ def pooled(out) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """(torch CLIPModel, folder in the real hub layout, tokenizer)."""
-    folder = tmp_path_factory.mktemp("clip")
-    build_clip_tokenizer(TEXTS, folder)
-    tok = transformers.CLIPTokenizer.from_pretrained(str(folder))
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(text_config=dict(TEXT_CFG, vocab_size=len(tok)), vision_config=VISION_CFG,
-                                  projection_dim=PROJ)
-    model = perturb(transformers.CLIPModel(cfg), seed=0)
-    model.save_pretrained(folder, safe_serialization=True)
-    # hub CLIP files (openai/clip-vit-*) still carry both towers' position_ids buffers
-    tensors = load_file(folder / "model.safetensors")
-    tensors["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    tensors["vision_model.embeddings.position_ids"] = torch.arange((IMAGE_SIZE // PATCH) ** 2 + 1)[None]
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    transformers.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
-    return model, folder, tok
+    return build_clip_folder(tmp_path_factory.mktemp("clip"), TEXTS)
 
 
 @pytest.fixture(scope="module")

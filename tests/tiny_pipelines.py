@@ -42,7 +42,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 try:  # the package's tokenizer builder; the test-local one while it is absent
     from jaxforget.tokenizers import build_clip_tokenizer
@@ -196,3 +196,35 @@ def load_torch_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
     pipe = cls.from_pretrained(str(path), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# a tiny random CLIPModel (both towers), for the CLIP judge
+CLIP_TEXT_CFG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
+                     pad_token_id=1)
+CLIP_IMAGE_SIZE, CLIP_PATCH, CLIP_PROJ = 32, 8, 20
+CLIP_VISION_CFG = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=CLIP_IMAGE_SIZE, patch_size=CLIP_PATCH, hidden_act="gelu")
+
+
+def build_clip_folder(folder: str | Path, texts: tuple[str, ...] = TOKENIZER_TEXTS, seed: int = 0):
+    """A tiny random CLIPModel folder in the hub layout (model.safetensors with both towers'
+    position_ids buffers, tokenizer files, preprocessor_config.json) at ``folder``; returns
+    (the torch CLIPModel, folder, its CLIPTokenizer). ``texts`` make the tokenizer's vocabulary."""
+    folder = Path(folder)
+    build_clip_tokenizer(texts, folder)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(text_config=dict(CLIP_TEXT_CFG, vocab_size=len(tok)), vision_config=CLIP_VISION_CFG,
+                                  projection_dim=CLIP_PROJ)
+    model = perturb(transformers.CLIPModel(cfg), seed=seed, scale=0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    # hub CLIP files (openai/clip-vit-*) still carry both towers' position_ids buffers
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    tensors["vision_model.embeddings.position_ids"] = torch.arange((CLIP_IMAGE_SIZE // CLIP_PATCH) ** 2 + 1)[None]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    transformers.CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE},
+                                    crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
+                                    ).save_pretrained(folder)
+    return model, folder, tok

@@ -256,7 +256,7 @@ def retained_features(
     rows = (np.concatenate([np.arange(i * n, (i + 1) * n) for i in keep]) if keep else np.zeros(0, int)) \
         if aligned else np.arange(len(features))
     if reference is None:
-        if cfg.fid_reference_images > 1 and _is_toyworld(catalogue) and keep:
+        if cfg.fid_reference_images > 1 and is_toyworld(catalogue) and keep:
             reference = reference_features(judge, catalogue, [plan.unique[i] for i in keep],
                                            cfg.fid_reference_images, cache_dir=cache_dir)
     elif aligned and len(reference) == len(features):
@@ -264,7 +264,7 @@ def retained_features(
     return features[rows], reference
 
 
-def _is_toyworld(catalogue: Any) -> bool:
+def is_toyworld(catalogue: Any) -> bool:
     from jaxforget.toyworld.catalogue import Catalogue
 
     return isinstance(catalogue, Catalogue)
@@ -451,4 +451,5 @@ def evaluate_model(
     )
 
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate_model", "prompt_seed", "reference_features", "retained_features"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate_model", "is_toyworld", "prompt_seed", "reference_features",
+           "retained_features"]

@@ -9,6 +9,13 @@ model's on the same retained prompts (both leave out the prompts of removed conc
 ``evaluate.retained_features``): benchmark.md's "× base" targets compare like with like. With the attack on
 (``AttackConfig.enabled``), rows get ``attack_success`` / ``attack_before`` and
 ``attack_success/<concept>`` for every removed concept (see ``jaxforget.eval.attack``).
+
+Which concepts are scored: the toy world's catalogue, or for a real model the ``eval.concept_set``
+file (``jaxforget.eval.concepts``) with a CLIP judge (``eval.judge=clip:<folder>``) whose labels
+are the set's concepts. A concept set has nothing to render, so there ``fid_proxy`` and ``cmmd``
+are distances to the base model's images of the same retained prompts and seeds (0 at k = 0,
+``fid_ratio`` NaN). The judge and every request target are checked against the set before any
+training (``check_targets``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 from jaxforget.eval import report as R
 from jaxforget.eval.attack import AttackConfig, attack_concepts, attack_grid, attack_row
-from jaxforget.eval.evaluate import EvalConfig, EvalResult, evaluate_model, retained_features
+from jaxforget.errors import ConfigError
+from jaxforget.eval.evaluate import EvalConfig, EvalResult, is_toyworld, evaluate_model, retained_features
 from jaxforget.eval.judges import load_judge
 from jaxforget.eval.metrics import continual_metrics, frechet_distance
 
@@ -48,10 +56,33 @@ def attack_settings(hook: Any, attack: AttackConfig | None = None) -> AttackConf
                                guidance_scale=hook.guidance_scale, sampler=hook.sampler)
 
 
-def _catalogue(judge_spec: str) -> Any:
+def eval_concepts(hook: Any) -> Any:
+    """The concepts a run is scored on: the ``eval.concept_set`` file (real models, see
+    ``jaxforget.eval.concepts``) or, without one, the toy world's catalogue."""
+    path = getattr(hook, "concept_set", "")
+    if path:
+        from jaxforget.eval.concepts import load_concept_set
+
+        return load_concept_set(path)
     from jaxforget.toyworld.catalogue import load_catalogue
 
     return load_catalogue()
+
+
+def _check_judge(judge: Any, concepts: Any) -> None:
+    """Every concept of the set must be one the judge can detect in its domain (fails before any
+    training, not at the first evaluation)."""
+    src = getattr(concepts, "source", "") or "eval concepts"
+    for c in concepts.concepts:
+        try:
+            names = judge.concept_names(c.domain)
+        except (KeyError, ConfigError):
+            names = ()
+        if c.name not in names:
+            raise ConfigError(f"{src}: concept {c.name!r} ({c.domain}) is unknown to the judge {judge.name!r}")
+        if getattr(judge, "mode", "") == "argmax" and len(names) < 2:
+            raise ConfigError(f"{src}: domain {c.domain!r} has one concept; the CLIP judge picks the best of a "
+                              "domain's concepts, so it needs two or more")
 
 
 class RunEvaluator:
@@ -66,8 +97,14 @@ class RunEvaluator:
         self.method = method
         self.cfg = eval_config(hook)
         self.attack = attack_settings(hook, attack)
-        self.judge = load_judge(hook.judge)
-        self.catalogue = _catalogue(hook.judge)
+        self.catalogue = eval_concepts(hook)
+        self.real = not is_toyworld(self.catalogue)
+        if self.real and hook.judge.split(":")[0] != "clip":
+            raise ConfigError(f"eval.concept_set ({self.catalogue.source}) needs a CLIP judge "
+                              "(eval.judge=clip:<folder>): the toy-world judge knows only the toy world")
+        # a CLIP judge's labels are the set's concepts, by domain
+        self.judge = load_judge(hook.judge, catalogue=self.catalogue) if self.real else load_judge(hook.judge)
+        _check_judge(self.judge, self.catalogue)
         self.log = log
         self._base: dict[str, EvalResult] = {}
 
@@ -80,18 +117,42 @@ class RunEvaluator:
     def _pairs(self, removed: Sequence[str]) -> list[tuple[str, str]]:
         return [(t, self._domain(t)) for t in removed]
 
-    def _evaluate(self, run: Any, state: Any, removed: Sequence[str], key: str) -> EvalResult:
+    def check_targets(self, requests: Sequence[Any], source: str) -> None:
+        """Before training: every request's target must be a concept of the evaluated set, in
+        the request's domain (UA scores a removed concept by its evaluation prompts)."""
+        src = getattr(self.catalogue, "source", "") or "the evaluated concepts"
+        for r in requests:
+            where = f"{source}:{r.line}" if getattr(r, "line", 0) else source
+            try:
+                concept = self.catalogue.concept(r.target)
+            except KeyError:
+                raise ConfigError(f"{where}: target {r.target!r} is not a concept of {src}, which the evaluation "
+                                  "scores (add it there, or set eval.every=0)") from None
+            if r.domain not in ("any", concept.domain):
+                raise ConfigError(f"{where}: target {r.target!r} has domain {r.domain!r}, but {concept.domain!r} "
+                                  f"in {src}")
+
+    def _evaluate(self, run: Any, state: Any, removed: Sequence[str], key: str,
+                  reference: Any = None) -> EvalResult:
         pairs = self._pairs(removed)
         return evaluate_model(run.model, self.judge, self.catalogue, removed=pairs[:-1] if pairs else (),
                               current=pairs[-1] if pairs else None, cfg=self.cfg, unet_state=state,
-                              cache_dir=Path(run.run_dir) / "eval_cache", cache_key=key)
+                              cache_dir=Path(run.run_dir) / "eval_cache", cache_key=key, reference=reference)
 
     def base_result(self, run: Any) -> EvalResult:
         """The base model's evaluation (cached on disk and, per run, in memory)."""
         key = f"base-{run.base_hash}"
         if key not in self._base:
-            self._base[key] = self._evaluate(run, run.base_state, [], key)
+            res = self._evaluate(run, run.base_state, [], key)
+            if self.real:
+                # a concept set has no rendered references: FID proxy / CMMD measure the distance
+                # to the base model's own images (same prompts, same seeds), zero for the base
+                res.metrics.update({"fid_proxy": 0.0, "cmmd": 0.0})
+            self._base[key] = res
         return self._base[key]
+
+    def _reference(self, run: Any) -> Any:
+        return self.base_result(run).features if self.real else None
 
     def relative(self, base: EvalResult, result: EvalResult, removed: Sequence[str]) -> dict[str, float]:
         """The base model's scores on the same concept sets as ``result`` and the FID ratio."""
@@ -118,7 +179,7 @@ class RunEvaluator:
         with an attack, its attack grid), return its report row."""
         meta = run.store.metadata(snapshot)
         key = f"snap-{meta.get('params_hash', snapshot)}"
-        res = self._evaluate(run, state, removed, key)
+        res = self._evaluate(run, state, removed, key, reference=self._reference(run))
         target = removed[-1] if removed else ""
         row = res.row(k=k, snapshot=snapshot, target=target, domain=self._domain(target), method=self.method,
                       **self.relative(self.base_result(run), res, removed))
