@@ -85,9 +85,7 @@ def load_concept_set(path: str | Path) -> ConceptSet:
             if not item.get(required):
                 raise ConfigError(f"{at(key)}: missing field {required!r}")
         name, domain = " ".join(str(item["name"]).split()), str(item["domain"]).strip()
-        prompts = _names(item["eval_prompts"], at(f"{key}.eval_prompts"))
-        if not prompts:
-            raise ConfigError(f"{at(f'{key}.eval_prompts')}: at least one evaluation prompt required")
+        prompts = _names(item["eval_prompts"], at(f"{key}.eval_prompts"))  # non-empty: checked above
         concepts.append(EvalConcept(name, domain, _names(item.get("neighbours"), at(f"{key}.neighbours")), prompts))
     seen: dict[str, int] = {}
     for i, c in enumerate(concepts):

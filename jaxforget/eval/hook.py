@@ -102,8 +102,8 @@ class RunEvaluator:
         if self.real and hook.judge.split(":")[0] != "clip":
             raise ConfigError(f"eval.concept_set ({self.catalogue.source}) needs a CLIP judge "
                               "(eval.judge=clip:<folder>): the toy-world judge knows only the toy world")
-        # a CLIP judge's labels are the set's concepts, by domain
-        self.judge = load_judge(hook.judge, catalogue=self.catalogue) if self.real else load_judge(hook.judge)
+        # a CLIP judge's labels are the set's concepts, by domain (None: a judge's own default)
+        self.judge = load_judge(hook.judge, catalogue=self.catalogue if self.real else None)
         _check_judge(self.judge, self.catalogue)
         self.log = log
         self._base: dict[str, EvalResult] = {}

@@ -251,20 +251,20 @@ def attention(
     qh = q.reshape(b, lq, num_heads, d)
     kh = k.reshape(b, lk, num_heads, d)
     vh = v.reshape(b, lk, num_heads, d)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, L, H, D] <-> [B, H, L, D]
     if isinstance(probe_tokens, TargetMask) and mask is None and _xattn.pick_block_q(lq) is not None:
-        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, L, H, D] -> [B, H, L, D]
         out, tp = _xattn.fused_cross_attention(heads_first(qh), heads_first(kh), heads_first(vh),
                                                probe_tokens.weights, scale=1.0 / math.sqrt(d))
         return heads_first(out).reshape(b, lq, inner), tp[..., None]
     # heads-first batched matmuls, and the 1/sqrt(d) scale on q ([B, Lq, H*D]) rather than on the
     # [B, H, Lq, Lk] scores: on XLA:CPU the scores' scale left a materialized broadcast in the
     # backward pass, and the mixed layouts extra transposes (bare small-SD UNet step, NOTES.md)
-    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (qh * jnp.asarray(1.0 / math.sqrt(d), q.dtype), kh, vh))
+    qh, kh, vh = (heads_first(x) for x in (qh * jnp.asarray(1.0 / math.sqrt(d), q.dtype), kh, vh))
     scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
     if mask is not None:
         scores = scores + mask
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vh).transpose(0, 2, 1, 3).reshape(b, lq, inner)
+    out = heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vh)).reshape(b, lq, inner)
     probes = None
     if isinstance(probe_tokens, TargetMask):  # XLA fallback of the fused map
         w = probe_tokens.weights.astype(jnp.float32)[:, None, None, :]
