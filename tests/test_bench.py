@@ -119,3 +119,26 @@ def test_width_scaling_config():
     assert bench.scaled_unet_config(cfg, 2)["block_out_channels"] == [64, 128, 256, 256]
     with pytest.raises(ValueError):
         bench.scaled_unet_config(cfg, 1.5)  # 48 channels: not divisible into 32 groups
+
+
+def test_attention_bench_prints_a_row_per_shape(capsys):
+    import bench_attention
+
+    bench_attention.main(["--shapes", "2,2,8,8,4;2,2,8,5,4", "--reps", "1"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[2:]]
+    assert [r[:5] for r in rows] == [["2,", "2,", "8,", "8,", "4"], ["2,", "2,", "8,", "5,", "4"]]
+    for r in rows:  # jax before, jax now, torch SDPA: three positive times
+        assert all(float(x) > 0 for x in r[5:8]) and len(r) == 8
+
+
+def test_attention_bench_reference_layout_equals_the_model_attention():
+    # the "before" layout the bench times computes what layers.attention computes (fp32 rounding)
+    import bench_attention
+    import jax.numpy as jnp
+
+    from jaxforget.models.layers import attention
+
+    q, k, v = (jnp.asarray(x) for x in bench_attention._inputs(2, 8, 5, 8))
+    np.testing.assert_allclose(attention(q, k, v, 2)[0], bench_attention.attention_before(q, k, v, 2),
+                               rtol=1e-5, atol=1e-6)
