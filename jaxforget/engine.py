@@ -139,11 +139,17 @@ class DataConfig:
     domain_templates: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per request domain
     retain_pool: tuple[str, ...] = ()  # generic retain prompts (besides the related concepts)
     anchor_candidates: tuple[str, ...] = ()  # automatic anchor: candidates (empty: anchor "")
-    catalogue: str = ""  # "toyworld": fill domain / related / retain pool from the toy-world catalogue
+    # "toyworld": fill domain / related / retain pool from the toy-world catalogue; a concept-set
+    # YAML (jaxforget.eval.concepts, e.g. the run's eval.concept_set): fill domain / related from it
+    catalogue: str = ""
     forget_images: int = 32  # teacher images of forget (and mapped) prompts per request
     retain_images: int = 64  # replay images of retain prompts
     prior_images: int = 32  # base-model images of related concepts (DUGE prior)
     removed_images: int = 32  # ε_prev's images of earlier targets' prompts (dfr / duge lambda_rm > 0)
+    # earlier requests' anchors join the related concepts of the replay set (they absorbed the
+    # earlier targets' prompts). Off: on the toy-world benchmark it did not keep the anchors that
+    # the arrow request erodes, and ended worse (NOTES.md, DFR tuning, session 13)
+    retain_earlier_anchors: bool = False
     sampler: str = "ddim"
     num_inference_steps: int = 30
     guidance_scale: float = 1.0  # DFR's reference generation uses no guidance
@@ -246,10 +252,19 @@ def _toyworld_catalogue():
 
 
 def complete_request(req: Request, cfg: DataConfig) -> Request:
-    """Fill a request's domain / related concepts from the catalogue when the config names one."""
-    if cfg.catalogue != "toyworld":
+    """Fill a request's domain / related concepts from the catalogue when the config names one
+    (what the request file states wins)."""
+    if not cfg.catalogue:
         return req
-    cat = _toyworld_catalogue()
+    if cfg.catalogue == "toyworld":
+        cat = _toyworld_catalogue()
+    else:
+        from jaxforget.eval.concepts import load_concept_set
+
+        try:
+            cat = load_concept_set(cfg.catalogue)
+        except ConfigError as err:
+            raise ConfigError(f"data.catalogue: {err}") from None
     try:
         concept = cat.concept(req.target)
     except KeyError:
@@ -288,7 +303,12 @@ def request_prompts(req: Request, cfg: DataConfig, removed: Sequence[str], ancho
     banned = [req.target, *removed]
     related = [t.replace("{}", r) for r in req.related for t in templates]
     related = [p for p in related if not _mentions(p, banned)]
-    retain = list(dict.fromkeys(related + [p for p in _retain_pool(cfg) if not _mentions(p, banned)]))
+    anchors = []  # earlier anchors, each in its own request's templates (its domain's wording)
+    if cfg.retain_earlier_anchors:
+        anchors = [t.replace("{}", r.anchor) for r in removed_requests if r.anchor for t in _templates(r, cfg)]
+        anchors = [p for p in anchors if not _mentions(p, banned)]
+    pool = [p for p in _retain_pool(cfg) if not _mentions(p, banned)]
+    retain = list(dict.fromkeys(related + anchors + pool))
     if not retain:
         retain = [" ".join(t.replace("{}", "").split()) or "" for t in templates]
     prior = related or retain

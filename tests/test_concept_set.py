@@ -120,3 +120,39 @@ def test_a_domain_with_one_concept_is_refused_for_the_argmax_judge(tmp_path, cap
     concepts = write(tmp_path, one_style)
     assert unlearn(tmp_path, "star\n", f"eval.concept_set={concepts}", f"eval.judge=clip:{tiny_clip}") == 2
     assert "domain 'style' has one concept" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- data.catalogue
+def test_a_concept_set_as_catalogue_completes_requests(tmp_path, capsys):
+    # data.catalogue=<concept set>: a request without domain / related gets them from the set
+    # (the replay set then holds the neighbours); what the request file states wins
+    from jaxforget.engine import DataConfig, complete_request
+    from jaxforget.requests import Request
+
+    cfg = DataConfig(catalogue=str(write(tmp_path, GOOD)))
+    assert complete_request(Request(target="star"), cfg) == Request(target="star", domain="object",
+                                                                  related=("square",))
+    stated = Request(target="waves", related=("plain",), domain="style")
+    assert complete_request(stated, cfg) == stated
+    assert complete_request(Request(target="circle"), cfg) == Request(target="circle")  # not in the set
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=rf"^data\.catalogue: {re.escape(str(missing))}: config file not found"):
+        complete_request(Request(target="star"), DataConfig(catalogue=str(missing)))
+    # through the command line: exit 2, one line, no run directory
+    assert unlearn(tmp_path, "star\n", f"data.catalogue={missing}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.catalogue:") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_judge_names_a_domain_the_judge_lacks(tmp_path):
+    # the toy-world judge raises ValueError for a domain it has no head for; the check turns
+    # that into the one-line config error, like an unknown concept
+    from jaxforget.eval.hook import _check_judge
+    from jaxforget.eval.judges import load_judge
+
+    judge = load_judge("toyworld")
+    _check_judge(judge, load_concept_set(write(tmp_path, GOOD.replace("  - name:  dots", "  - name: dots"))))
+    texture = write(tmp_path, GOOD.replace("domain: style", "domain: texture"), "texture.yaml")
+    with pytest.raises(ConfigError, match=r"texture\.yaml: concept 'dots' \(texture\) is unknown to the judge"):
+        _check_judge(judge, load_concept_set(texture))

@@ -1,6 +1,8 @@
 """Request data sets (forget / mapped / retain / prior) are stored per request as one datasets
 folder; sets differ in length, so each is its own split."""
 
+import dataclasses
+
 import numpy as np
 
 from jaxforget.engine import load_dataset_columns, save_dataset
@@ -42,3 +44,23 @@ def test_removed_prompts_cover_every_earlier_target_round_robin():
     assert pr.removed == ["a circle", "a star", "a heart", "a red circle", "a red star", "a red heart"]
     assert all(any(t in p for p in pr.removed[:3]) for t in ("circle", "star", "heart"))
     assert request_prompts(Request(target="grid"), cfg, [], "plain").removed == []
+
+
+def test_retain_earlier_anchors_joins_the_replay_set():
+    # data.retain_earlier_anchors: the earlier requests' anchors, in their own templates, come
+    # right after the target's related concepts (so a cycled replay set reaches them first); an
+    # anchor that is itself removed stays out, and the DUGE prior set is unchanged
+    from jaxforget.engine import DataConfig, request_prompts
+    from jaxforget.requests import Request
+
+    cfg = DataConfig(templates=("a {}", "a red {}"), retain_pool=("a tree",),
+                     domain_templates={"style": ("{} background",)}, retain_earlier_anchors=True)
+    earlier = [Request(target="circle", anchor="square"), Request(target="dots", anchor="plain", domain="style"),
+               Request(target="star", anchor="circle")]
+    req = Request(target="arrow", anchor="square", related=("triangle",))
+    pr = request_prompts(req, cfg, ["circle", "dots", "star"], "square", earlier)
+    assert pr.retain == ["a triangle", "a red triangle", "a square", "a red square", "plain background", "a tree"]
+    assert pr.prior == ["a triangle", "a red triangle"]
+    off = request_prompts(req, dataclasses.replace(cfg, retain_earlier_anchors=False), ["circle", "dots", "star"],
+                          "square", earlier)
+    assert off.retain == ["a triangle", "a red triangle", "a tree"]

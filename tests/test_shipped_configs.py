@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,13 @@ def test_sd_config_runs_a_request_on_a_tiny_pipeline(kind, config, tiny_clip, tm
     requests = tmp_path / "requests.txt"
     first = next(line for line in (REPO / "configs" / "sd15" / "requests.txt").read_text().splitlines()
                  if line.strip() and not line.startswith("#"))
-    requests.write_text(first + "\n")
+    # without its "related:" and "domain:" fields, which the config's data.catalogue (the concept
+    # set) fills in: the ledger below must show the set's neighbours and domain
+    requests.write_text(re.sub(r"\| (related|domain):[^|]*", "", first) + "\n")
+    assert "related" not in requests.read_text() and "domain" not in requests.read_text()
+    concept_set = REPO / "configs" / "concepts" / "sd_concepts.yaml"
     # the config's evaluation (its concept set), judged by a tiny CLIP, at a tiny size
-    evaluation = [f"eval.judge=clip:{tiny_clip}", f"eval.concept_set={REPO / 'configs/concepts/sd_concepts.yaml'}",
+    evaluation = [f"eval.judge=clip:{tiny_clip}", f"eval.concept_set={concept_set}", f"data.catalogue={concept_set}",
                   "eval.images_per_prompt=2", "eval.prompts_per_concept=1", "eval.num_inference_steps=2"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -106,6 +111,11 @@ def test_sd_config_runs_a_request_on_a_tiny_pipeline(kind, config, tiny_clip, tm
                    "--run-dir", str(tmp_path / "run"), *TINY, *evaluation], command="unlearn")
     assert rc == 0, out.getvalue()
     assert "request 1 'van gogh' -> 'an artist': snapshot 1" in out.getvalue(), out.getvalue()
+    from jaxforget.checkpoints import RunStore
+
+    with RunStore.open(tmp_path / "run", create=False, lock=False) as store:
+        applied = store.ledger()[0]["request"]
+    assert applied["domain"] == "style" and list(applied["related"]) == ["claude monet", "paul cezanne"], applied
     report = tmp_path / "run" / "report"
     rows = load_rows(report)
     assert [r["k"] for r in rows] == [0, 1]

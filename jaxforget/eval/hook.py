@@ -76,7 +76,7 @@ def _check_judge(judge: Any, concepts: Any) -> None:
     for c in concepts.concepts:
         try:
             names = judge.concept_names(c.domain)
-        except (KeyError, ConfigError):
+        except (KeyError, ValueError, ConfigError):  # the toy judge raises ValueError
             names = ()
         if c.name not in names:
             raise ConfigError(f"{src}: concept {c.name!r} ({c.domain}) is unknown to the judge {judge.name!r}")
