@@ -287,3 +287,63 @@ def test_bf16_compute_keeps_fp32_params_and_probes(cases):
         assert p.dtype == jnp.float32
         # bf16 q/k and activations: errors compound with depth (~0.02 first layer, ~0.06 last)
         assert np.abs(np.asarray(p) - np.asarray(case.jax_out.attn_probes[name])).max() <= 0.1, name
+
+
+# ----------------------------------------------------------------------------- small-output convolutions
+@pytest.mark.parametrize("hw, stride, padding, ksize", [
+    ((2, 2), 1, ((1, 1), (1, 1)), 3),   # a resnet conv at the deepest level of the toy world
+    ((4, 4), 2, ((1, 1), (1, 1)), 3),   # a downsampler into 2x2
+    ((3, 2), 2, ((0, 1), (1, 0)), 3),   # asymmetric padding, odd size
+    ((1, 1), 1, ((1, 1), (1, 1)), 3),
+    ((5, 5), 1, ((0, 0), (0, 0)), 4),
+])
+def test_conv_as_patches_matches_lax_conv(hw, stride, padding, ksize):
+    # values and both gradients within fp32 summation-order noise (abs 1e-5 at unit-scale inputs)
+    from jaxforget.models.layers import conv_as_patches
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, *hw, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((ksize, ksize, 5, 7)) * 0.3, jnp.float32)
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def patches(x, w):
+        return conv_as_patches(x, w, stride, padding)
+
+    np.testing.assert_allclose(patches(x, w), ref(x, w), atol=1e-5, rtol=0)
+    weights = jnp.asarray(rng.standard_normal(ref(x, w).shape), jnp.float32)
+    g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * weights), argnums=(0, 1))(x, w)
+    g_pat = jax.grad(lambda x, w: jnp.sum(patches(x, w) * weights), argnums=(0, 1))(x, w)
+    for a, b in zip(g_pat, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_conv2d_takes_the_patches_path_only_for_tiny_outputs():
+    from jaxforget.models.layers import Conv2d
+
+    conv = Conv2d(4, 8, 3, rngs=nnx.Rngs(0))
+    down = Conv2d(4, 8, 3, stride=2, rngs=nnx.Rngs(0))
+
+    def primitives(layer, hw):
+        x = jnp.zeros((1, *hw, 4))
+        jaxpr = jax.make_jaxpr(lambda x: layer(x))(x)
+        return {e.primitive.name for e in jaxpr.eqns}
+
+    assert "conv_general_dilated" not in primitives(conv, (2, 2)) and "dot_general" in primitives(conv, (2, 2))
+    assert "conv_general_dilated" not in primitives(down, (4, 4))  # 2x2 output
+    assert "conv_general_dilated" in primitives(conv, (4, 4))
+    assert "conv_general_dilated" in primitives(down, (8, 8))
+
+
+def test_forward_with_2x2_levels_matches_diffusers(cases):
+    # a 4x4 latent puts the sd1 case's second level at 2x2 (its downsampler and resnet convs take
+    # the patches path); same tolerance as the full-size forward
+    case = cases("sd1")
+    inp = dict(case.inputs, sample=np.random.default_rng(3).standard_normal((2, 4, 4, 4)).astype(np.float32))
+    want = torch_forward(case.torch_model, inp)
+    got = jax_forward(case.model, jnp.asarray(inp["sample"].transpose(0, 2, 3, 1)), jnp.asarray(inp["timesteps"]),
+                      jnp.asarray(inp["context"]), None, None)
+    err = rel_err(np.asarray(got.sample), want)
+    print(f"sd1 at 4x4: max rel err {err:.2e}")
+    assert err <= REL_TOL
