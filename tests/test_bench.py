@@ -142,3 +142,15 @@ def test_attention_bench_reference_layout_equals_the_model_attention():
     q, k, v = (jnp.asarray(x) for x in bench_attention._inputs(2, 8, 5, 8))
     np.testing.assert_allclose(attention(q, k, v, 2)[0], bench_attention.attention_before(q, k, v, 2),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_conv_bench_prints_a_row_per_shape(capsys):
+    import bench_conv
+
+    bench_conv.main(["--shapes", "2,2,4,1;2,4,4,2;2,4,4,1", "--reps", "1"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[2:]]
+    assert [r[:5] for r in rows] == [["2,", "2,", "4,", "1", "2x2"], ["2,", "4,", "4,", "2", "2x2"],
+                                     ["2,", "4,", "4,", "1", "4x4"]]
+    for r in rows:  # lax conv, patches: two positive times
+        assert len(r) == 7 and all(float(x) > 0 for x in r[5:7])
