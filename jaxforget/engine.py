@@ -29,6 +29,7 @@ barriers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -251,20 +252,22 @@ def _toyworld_catalogue():
     return load_catalogue()
 
 
+@functools.lru_cache(maxsize=8)  # read once per run, not once per request line
+def _concept_set_catalogue(path: str):
+    from jaxforget.eval.concepts import load_concept_set
+
+    try:
+        return load_concept_set(path)
+    except ConfigError as err:
+        raise ConfigError(f"data.catalogue: {err}") from None
+
+
 def complete_request(req: Request, cfg: DataConfig) -> Request:
     """Fill a request's domain / related concepts from the catalogue when the config names one
     (what the request file states wins)."""
     if not cfg.catalogue:
         return req
-    if cfg.catalogue == "toyworld":
-        cat = _toyworld_catalogue()
-    else:
-        from jaxforget.eval.concepts import load_concept_set
-
-        try:
-            cat = load_concept_set(cfg.catalogue)
-        except ConfigError as err:
-            raise ConfigError(f"data.catalogue: {err}") from None
+    cat = _toyworld_catalogue() if cfg.catalogue == "toyworld" else _concept_set_catalogue(cfg.catalogue)
     try:
         concept = cat.concept(req.target)
     except KeyError:

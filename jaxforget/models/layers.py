@@ -71,8 +71,13 @@ class Linear(nnx.Module):
 # XLA:CPU's convolution is slow when the output is 2×2 or smaller (the deepest level of the toy
 # world and of the small benchmark config): 3×3 at 2×2, batch 16, 96–128 channels, forward +
 # backward on one core took 3.3–22.8 ms against 0.48–0.82 ms as one matmul over the 3×3 patches;
-# at 4×4 and above the two were within noise of each other (NOTES.md "Small-output convolutions").
+# at 4×4 and above the two were about even (NOTES.md "small-output convolutions";
+# launch/bench_conv.py).
 PATCHES_MAX_OUTPUT_PIXELS = 4
+
+
+def conv_output_side(side: int, pad: tuple[int, int], k: int, stride: int) -> int:
+    return (side + pad[0] + pad[1] - k) // stride + 1
 
 
 def conv_as_patches(x: jax.Array, kernel: jax.Array, stride: int,
@@ -81,10 +86,9 @@ def conv_as_patches(x: jax.Array, kernel: jax.Array, stride: int,
     concatenated on channels (tap-major, like the kernel's reshape), times the kernel as
     [kh·kw·C_in, C_out]. Same result as ``lax.conv_general_dilated`` up to summation order."""
     kh, kw, c_in, c_out = kernel.shape
-    (pt, pb), (pl, pr) = padding
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    out_h = (xp.shape[1] - kh) // stride + 1
-    out_w = (xp.shape[2] - kw) // stride + 1
+    out_h = conv_output_side(x.shape[1], padding[0], kh, stride)
+    out_w = conv_output_side(x.shape[2], padding[1], kw, stride)
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
     taps = [xp[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
             for i in range(kh) for j in range(kw)]
     return jnp.concatenate(taps, axis=-1) @ kernel.reshape(kh * kw * c_in, c_out)
@@ -131,10 +135,9 @@ class Conv2d(nnx.Module):
         dtype = self.dtype or x.dtype
         x, kernel = cast(x, dtype), cast(self.kernel[...], dtype)
         kh, kw = kernel.shape[:2]
-        (pt, pb), (pl, pr) = self.padding
-        out_h = (x.shape[1] + pt + pb - kh) // self.stride + 1
-        out_w = (x.shape[2] + pl + pr - kw) // self.stride + 1
-        if kh * kw > 1 and out_h * out_w <= PATCHES_MAX_OUTPUT_PIXELS:
+        out_pixels = (conv_output_side(x.shape[1], self.padding[0], kh, self.stride)
+                      * conv_output_side(x.shape[2], self.padding[1], kw, self.stride))
+        if kh * kw > 1 and out_pixels <= PATCHES_MAX_OUTPUT_PIXELS:
             y = conv_as_patches(x, kernel, self.stride, self.padding)
         else:
             y = jax.lax.conv_general_dilated(
