@@ -378,7 +378,6 @@ def compile_step(step: Any, args: tuple, metrics_sharding: NamedSharding,
     memory numbers are those of a steady-state step), metrics replicated."""
     in_sh = tuple(shardings_of(a) for a in args)
     out_sh = (in_sh[0], in_sh[1], metrics_sharding)  # metrics: a tree prefix covers the dict
-    # ``step`` may itself be jitted (engine.make_train_step): the outer jit fixes the shardings
     jitted = jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)  # tracing + StableHLO
@@ -687,7 +686,8 @@ def _build_step(spec: PlanSpec, checked: Checked, mesh: Mesh, attention_chunk: i
     schedule = S.make_schedule()  # SD's scaled-linear 1000-step schedule (FLOPs do not depend on it)
     method = dfr.build(dfr.Config(), unet_fn, schedule)
     tx = E.make_optimizer(E.OptimConfig(), steps=1000)
-    step = E.make_train_step(method, unet_fn, REG.Config(), tx, split.trainable_paths)
+    # the engine's step function, re-jitted here with explicit shardings and the plan's options
+    step = E.unjitted(E.make_train_step(method, unet_fn, REG.Config(), tx, split.trainable_paths))
     # Adam moments mirror the params' shardings; scalars (count) replicated — as the engine does
     opt_state = opt_state_like(tx, split.params, rep)
     frozen = MB.Frozen(rest=split.rest, prev=state, base=None, reg=None)

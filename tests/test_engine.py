@@ -324,3 +324,47 @@ def test_nan_loss_stops_the_request_and_keeps_snapshots(dfr_run, model_dir, tmp_
     assert store.snapshot_ids() == [1, 2] and store.head == 2
     assert store.failures()[-1]["request_index"] == 2
     store.close()
+
+
+# ----------------------------------------------------------------------------- CPU compile options
+class _QuadraticLoss:
+    """A stand-in method: tanh(x @ w), which XLA:CPU's defaults (jaxlib 0.10) fuse with YNNPACK."""
+
+    def loss(self, params, frozen, batch, rng):
+        import jax.numpy as jnp
+
+        y = jnp.tanh(batch["x"] @ params["w"]) * 2.0 + 1.0
+        loss = jnp.mean(jnp.square(y))
+        return loss, {"loss": loss}
+
+
+def test_train_step_compiles_with_the_cpu_options():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxforget import engine as E
+    from jaxforget.methods import regularizers as REG
+
+    assert jax.default_backend() == "cpu"
+    assert E.step_compiler_options() == E.CPU_STEP_COMPILER_OPTIONS
+    tx = optax.adam(1e-3)
+    params = {"w": jnp.full((64, 64), 0.01, jnp.float32)}
+    batch = {"x": jnp.ones((64, 64), jnp.float32)}
+    step = E.make_train_step(_QuadraticLoss(), None, REG.Config(), tx, ["w"])
+    args = (params, tx.init(params), None, batch, jax.random.PRNGKey(0))
+    tuned = step.lower(*args).compile().as_text()
+    assert "__ynn_fusion" not in tuned
+    if jax.__version__.startswith("0.10."):  # the jaxlib the option was measured on (NOTES.md)
+        # the option is what removes them: the same step with XLA's defaults has some
+        default = jax.jit(step.__wrapped__).lower(*args).compile().as_text()
+        assert "__ynn_fusion" in default
+    new_params, _, metrics = step(*args)
+    assert np.isfinite(float(metrics["loss"])) and float(jnp.abs(new_params["w"] - 0.01).max()) > 0
+
+
+def test_unknown_cpu_option_falls_back_to_xla_defaults(monkeypatch):
+    from jaxforget import engine as E
+
+    monkeypatch.setattr(E, "CPU_STEP_COMPILER_OPTIONS", {"xla_cpu_no_such_option_anywhere": True})
+    assert E.step_compiler_options() is None
