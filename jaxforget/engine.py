@@ -497,8 +497,8 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation
 
 # XLA:CPU (jaxlib 0.10) hands elementwise fusions and small dots to YNNPACK; on the toy-world UNet
 # that made forward + backward about 20 % slower than XLA's own kernels (same process, one core:
-# 112.7 -> 85.4 ms; small-SD config 852 -> 778 ms; NOTES.md "CPU compiler options"). The train step
-# is compiled without them on CPU; other backends never read the option.
+# 112.7 -> 85.4 ms; small-SD config 852 -> 778 ms; NOTES.md "the CPU train step without YNNPACK
+# fusions"). The train step is compiled without them on CPU; other backends never read the option.
 CPU_STEP_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -516,7 +516,9 @@ def _cpu_options_accepted(items: tuple[tuple[str, Any], ...]) -> bool:
 def step_compiler_options() -> dict[str, Any] | None:
     """The XLA options the train step compiles with: ``CPU_STEP_COMPILER_OPTIONS`` on the CPU
     backend when accepted, else None (XLA's defaults)."""
-    if jax.default_backend() != "cpu" or not _cpu_options_accepted(tuple(sorted(CPU_STEP_COMPILER_OPTIONS.items()))):
+    if jax.default_backend() != "cpu":
+        return None
+    if not _cpu_options_accepted(tuple(sorted(CPU_STEP_COMPILER_OPTIONS.items()))):
         return None
     return dict(CPU_STEP_COMPILER_OPTIONS)
 
@@ -1041,8 +1043,8 @@ def default_model_dir() -> Path:
 
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "MeshConfig", "EvalHook", "ContinualRun", "TrainingError",
            "request_prompts", "complete_request", "pending_requests", "generate_latents", "make_train_step",
-           "step_compiler_options", "unjitted", "compile_train_step", "flat_params", "unflat_params", "is_primary", "barrier",
-           "to_host", "put_global", "on_mesh"]
+           "step_compiler_options", "unjitted", "compile_train_step", "flat_params", "unflat_params",
+           "is_primary", "barrier", "to_host", "put_global", "on_mesh"]
 
 
 def export_snapshot(run_dir: Path, snapshot: int, out: Path, dtype: str = "float32") -> Path:

@@ -327,7 +327,7 @@ def test_nan_loss_stops_the_request_and_keeps_snapshots(dfr_run, model_dir, tmp_
 
 
 # ----------------------------------------------------------------------------- CPU compile options
-class _QuadraticLoss:
+class _TanhLoss:
     """A stand-in method: tanh(x @ w), which XLA:CPU's defaults (jaxlib 0.10) fuse with YNNPACK."""
 
     def loss(self, params, frozen, batch, rng):
@@ -351,7 +351,7 @@ def test_train_step_compiles_with_the_cpu_options():
     tx = optax.adam(1e-3)
     params = {"w": jnp.full((64, 64), 0.01, jnp.float32)}
     batch = {"x": jnp.ones((64, 64), jnp.float32)}
-    step = E.make_train_step(_QuadraticLoss(), None, REG.Config(), tx, ["w"])
+    step = E.make_train_step(_TanhLoss(), None, REG.Config(), tx, ["w"])
     args = (params, tx.init(params), None, batch, jax.random.PRNGKey(0))
     tuned = step.lower(*args).compile().as_text()
     assert "__ynn_fusion" not in tuned
