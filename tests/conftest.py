@@ -13,5 +13,8 @@ import jax  # noqa: E402
 
 _CACHE = Path(os.environ.get("JAXFORGET_TEST_CACHE", Path(__file__).resolve().parent.parent / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+# subprocesses the tests start (launch/tpu.py, ...) read and fill the same cache: a cold CI run
+# compiles each program once, not once per process
+os.environ.setdefault("JAXFORGET_CACHE_DIR", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

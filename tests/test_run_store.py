@@ -332,3 +332,32 @@ def test_sharded_restore(store):
     assert params["conv_in"]["kernel"].sharding == NamedSharding(mesh, spec["conv_in"]["kernel"])
     assert len(params["conv_in"]["kernel"].addressable_shards) == 8
     assert_bit_identical(params, tree["params"])
+
+
+def test_replicated_arrays_split_across_replicas_only_when_large(store, monkeypatch):
+    # Orbax's replica-parallel save slices each replicated array across replicas (one eager op
+    # per slice): kept for arrays whose slices reach MIN_REPLICA_SLICE_BYTES, skipped below
+    from orbax.checkpoint._src.serialization import replica_slices as RS
+
+    from jaxforget.checkpoints import MIN_REPLICA_SLICE_BYTES
+
+    seen = {}
+    real = RS.get_replica_slices
+
+    def spy(arr, *a, **k):
+        out = real(arr, *a, **k)
+        seen[arr.shape] = [r.slice_args for r in out.replica_slices]
+        return out
+
+    monkeypatch.setattr(RS, "get_replica_slices", spy)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    rep = NamedSharding(mesh, P())
+    rows = 8 * MIN_REPLICA_SLICE_BYTES // (4 * 64)  # fp32 rows of 64: slices of exactly the threshold
+    tree = {"params": {"small": jax.device_put(jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64), rep),
+                       "large": jax.device_put(jnp.ones((rows, 64), jnp.float32), rep)}}
+    sid = store.save_snapshot(tree, meta(0))
+    assert seen[(64, 64)] == [None]  # one whole copy from one replica
+    assert len(seen[(rows, 64)]) == 8 and all(s is not None for s in seen[(rows, 64)])
+    back = store.snapshot_params(sid, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                                                   tree["params"]))
+    assert_bit_identical(back, tree["params"])

@@ -81,6 +81,14 @@ def test_duge_short_is_duge_with_the_three_k3_overrides():
     assert short == ref
 
 
+def test_ci_runs_the_readme_test_command():
+    # .ci/run's last line is the README's test command, word for word (install included)
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1].strip()
+    assert ci == block and "pytest" in ci and "pip install" in ci, (ci, block)
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     from tiny_pipelines import build_clip_folder
