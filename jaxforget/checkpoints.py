@@ -74,8 +74,8 @@ class RunStateError(JaxforgetError):
 # Orbax splits every replicated jax.Array into one slice per replica so that replicas (hosts)
 # share the writing; each slice is an eager device op. For small arrays that is all overhead:
 # a toy-world snapshot (324 leaves x 3 trees, 8 replicas) took 9-10 s to save, 3 s without the
-# split (NOTES.md, "Test suite time", session 15). Arrays whose slices would be smaller than this are saved
-# whole from one replica; large SD / SDXL weights keep the parallel write.
+# split (NOTES.md, "Test suite time", session 15). Arrays whose slices would be smaller than
+# this are saved whole from one replica; large SD / SDXL weights keep the parallel write.
 MIN_REPLICA_SLICE_BYTES = 256 * 1024
 
 
