@@ -1,4 +1,5 @@
-"""Multi-process start-up and the persistent compilation cache.
+"""Multi-process start-up, the persistent compilation cache, and the XLA options jaxforget's own
+programs compile with.
 
 ``initialize_from_argv`` calls ``jax.distributed.initialize()`` before anything touches a JAX
 backend (the runtime refuses to start once a backend exists, and even ``jax.default_backend()``
@@ -15,10 +16,11 @@ which is what makes a several-process run on one machine a real test of the mult
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from jaxforget.errors import ConfigError
 
@@ -113,4 +115,40 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     return target
 
 
-__all__ = ["initialize_from_argv", "enable_compilation_cache", "default_cache_dir"]
+# XLA:CPU (jaxlib 0.10) hands elementwise fusions and small dots to YNNPACK; on the toy-world UNet
+# that made forward + backward about 20 % slower than XLA's own kernels (same process, one core:
+# 112.7 -> 85.4 ms; small-SD config 852 -> 778 ms) and the toy replay sampler about 8 % slower
+# (NOTES.md "the CPU train step without YNNPACK fusions"). The train step and the sampler compile
+# without them on CPU; other backends never read the option.
+RUNTIME_CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_options_accepted(items: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether this jaxlib's CPU compiler knows these options (a newer one may drop an
+    experimental flag: then programs compile with XLA's defaults instead of failing)."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(compiler_options=dict(items))
+    except Exception:  # noqa: BLE001 - XLA reports an unknown option as a runtime error
+        return False
+    return True
+
+
+def runtime_compiler_options() -> dict[str, Any] | None:
+    """The XLA options the train step and the sampler compile with: ``RUNTIME_CPU_OPTIONS`` on the
+    CPU backend when accepted, else None (XLA's defaults). Starts the backend: call it only after
+    ``initialize_from_argv``."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return None
+    if not _cpu_options_accepted(tuple(sorted(RUNTIME_CPU_OPTIONS.items()))):
+        return None
+    return dict(RUNTIME_CPU_OPTIONS)
+
+
+__all__ = ["initialize_from_argv", "enable_compilation_cache", "default_cache_dir", "RUNTIME_CPU_OPTIONS",
+           "runtime_compiler_options"]

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxforget import distributed as DIST
 from jaxforget import pipeline as PL
 from jaxforget import sharding as SH
 from jaxforget.eval.attack import AttackConfig
@@ -495,34 +496,6 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation
                        optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 
 
-# XLA:CPU (jaxlib 0.10) hands elementwise fusions and small dots to YNNPACK; on the toy-world UNet
-# that made forward + backward about 20 % slower than XLA's own kernels (same process, one core:
-# 112.7 -> 85.4 ms; small-SD config 852 -> 778 ms; NOTES.md "the CPU train step without YNNPACK
-# fusions"). The train step is compiled without them on CPU; other backends never read the option.
-CPU_STEP_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_options_accepted(items: tuple[tuple[str, Any], ...]) -> bool:
-    """Whether this jaxlib's CPU compiler knows these options (a newer one may drop an
-    experimental flag: then the step compiles with XLA's defaults instead of failing)."""
-    try:
-        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(compiler_options=dict(items))
-    except Exception:  # noqa: BLE001 - XLA reports an unknown option as a runtime error
-        return False
-    return True
-
-
-def step_compiler_options() -> dict[str, Any] | None:
-    """The XLA options the train step compiles with: ``CPU_STEP_COMPILER_OPTIONS`` on the CPU
-    backend when accepted, else None (XLA's defaults)."""
-    if jax.default_backend() != "cpu":
-        return None
-    if not _cpu_options_accepted(tuple(sorted(CPU_STEP_COMPILER_OPTIONS.items()))):
-        return None
-    return dict(CPU_STEP_COMPILER_OPTIONS)
-
-
 def make_train_step(method: MB.Method, unet_fn: MB.UNetFn, reg_cfg: REG.Config,
                     tx: optax.GradientTransformation, trainable_paths: Sequence[str]) -> Callable:
     """One jitted step: loss (method + regularizer), grads, optimizer update (gradient projection,
@@ -545,7 +518,7 @@ def make_train_step(method: MB.Method, unet_fn: MB.UNetFn, reg_cfg: REG.Config,
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
         return params, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1), compiler_options=step_compiler_options())
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=DIST.runtime_compiler_options())
 
 
 def unjitted(step: Callable) -> Callable:
@@ -566,7 +539,8 @@ def compile_train_step(step: Callable, params: Any, opt_state: Any, frozen: Any,
     jitted = jax.jit(unjitted(step), in_shardings=in_sh, out_shardings=(in_sh[0], in_sh[1], rep),
                      donate_argnums=(0, 1))
     t0 = time.perf_counter()
-    compiled = jitted.lower(params, opt_state, frozen, batch, rng).compile(compiler_options=step_compiler_options())
+    compiled = jitted.lower(params, opt_state, frozen, batch, rng).compile(
+        compiler_options=DIST.runtime_compiler_options())
     return compiled, time.perf_counter() - t0
 
 
@@ -1043,7 +1017,7 @@ def default_model_dir() -> Path:
 
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "MeshConfig", "EvalHook", "ContinualRun", "TrainingError",
            "request_prompts", "complete_request", "pending_requests", "generate_latents", "make_train_step",
-           "step_compiler_options", "unjitted", "compile_train_step", "flat_params", "unflat_params",
+           "unjitted", "compile_train_step", "flat_params", "unflat_params",
            "is_primary", "barrier", "to_host", "put_global", "on_mesh"]
 
 

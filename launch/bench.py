@@ -349,6 +349,8 @@ def jax_bare_unet_times(unet: Any, batch: Mapping[str, np.ndarray], reps: int) -
     import jax.numpy as jnp
     from flax import nnx
 
+    from jaxforget.distributed import runtime_compiler_options
+
     graphdef, state = nnx.split(unet)
     key = next(k for k in batch if k.endswith("_z0"))
     x = jnp.asarray(batch[key])
@@ -361,7 +363,9 @@ def jax_bare_unet_times(unet: Any, batch: Mapping[str, np.ndarray], reps: int) -
     def loss(s):
         return jnp.mean(jnp.square(fwd(s).astype(jnp.float32)))
 
-    fns = {"fwd": jax.jit(fwd), "fwd_bwd": jax.jit(jax.grad(loss))}
+    # the train step's and the sampler's XLA options, so the profile matches what they pay
+    opts = runtime_compiler_options()
+    fns = {"fwd": jax.jit(fwd, compiler_options=opts), "fwd_bwd": jax.jit(jax.grad(loss), compiler_options=opts)}
     res = {}
     for name, fn in fns.items():
         jax.block_until_ready(fn(state))  # compile

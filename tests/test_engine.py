@@ -343,11 +343,12 @@ def test_train_step_compiles_with_the_cpu_options():
     import jax.numpy as jnp
     import optax
 
+    from jaxforget import distributed as DIST
     from jaxforget import engine as E
     from jaxforget.methods import regularizers as REG
 
     assert jax.default_backend() == "cpu"
-    assert E.step_compiler_options() == E.CPU_STEP_COMPILER_OPTIONS
+    assert DIST.runtime_compiler_options() == DIST.RUNTIME_CPU_OPTIONS
     tx = optax.adam(1e-3)
     params = {"w": jnp.full((64, 64), 0.01, jnp.float32)}
     batch = {"x": jnp.ones((64, 64), jnp.float32)}
@@ -364,7 +365,7 @@ def test_train_step_compiles_with_the_cpu_options():
 
 
 def test_unknown_cpu_option_falls_back_to_xla_defaults(monkeypatch):
-    from jaxforget import engine as E
+    from jaxforget import distributed as DIST
 
-    monkeypatch.setattr(E, "CPU_STEP_COMPILER_OPTIONS", {"xla_cpu_no_such_option_anywhere": True})
-    assert E.step_compiler_options() is None
+    monkeypatch.setattr(DIST, "RUNTIME_CPU_OPTIONS", {"xla_cpu_no_such_option_anywhere": True})
+    assert DIST.runtime_compiler_options() is None
