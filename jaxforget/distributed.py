@@ -20,7 +20,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from jaxforget.errors import ConfigError
 
@@ -118,8 +118,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
 # XLA:CPU (jaxlib 0.10) hands elementwise fusions and small dots to YNNPACK; on the toy-world UNet
 # that made forward + backward about 20 % slower than XLA's own kernels (same process, one core:
 # 112.7 -> 85.4 ms; small-SD config 852 -> 778 ms) and the toy replay sampler about 8 % slower
-# (NOTES.md "the CPU train step without YNNPACK fusions"). The train step and the sampler compile
-# without them on CPU; other backends never read the option.
+# (NOTES.md "the CPU train step without YNNPACK fusions"). The train step, the samplers and the
+# soft-prompt attack compile without them on CPU; other backends never read the option.
 RUNTIME_CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -138,7 +138,7 @@ def _cpu_options_accepted(items: tuple[tuple[str, Any], ...]) -> bool:
 
 
 def runtime_compiler_options() -> dict[str, Any] | None:
-    """The XLA options the train step and the sampler compile with: ``RUNTIME_CPU_OPTIONS`` on the
+    """The XLA options jaxforget's hot programs compile with: ``RUNTIME_CPU_OPTIONS`` on the
     CPU backend when accepted, else None (XLA's defaults). Starts the backend: call it only after
     ``initialize_from_argv``."""
     import jax
@@ -150,5 +150,24 @@ def runtime_compiler_options() -> dict[str, Any] | None:
     return dict(RUNTIME_CPU_OPTIONS)
 
 
+
+def runtime_jit(fun: Callable, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(fun, **jit_kwargs)`` compiled with ``runtime_compiler_options()``, for module-level
+    programs: the jit is built on the first call (``.program()``), because the options depend on
+    the backend and the backend must not start at import time."""
+    import jax
+
+    @functools.lru_cache(maxsize=None)
+    def program() -> Any:
+        return jax.jit(fun, compiler_options=runtime_compiler_options(), **jit_kwargs)
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return program()(*args, **kwargs)
+
+    call.program = program  # type: ignore[attr-defined]
+    return call
+
+
 __all__ = ["initialize_from_argv", "enable_compilation_cache", "default_cache_dir", "RUNTIME_CPU_OPTIONS",
-           "runtime_compiler_options"]
+           "runtime_compiler_options", "runtime_jit"]

@@ -5,8 +5,8 @@ Split in three so the engine can reuse each piece:
 - Pure functions of arrays and modules (trace them under any ``jax.jit``, e.g. with the
   engine's shardings): ``encode_prompt_ids``, ``initial_latents``, ``sample_latents``,
   ``decode_latents``, ``generate_from_ids``.
-- ``generate_jit`` (``generate_from_ids`` through ``sampler_program()``, one ``jax.jit``; schedule
-  and spec static) and the
+- ``generate_jit`` (``generate_from_ids`` under one ``jax.jit`` with the runtime XLA options;
+  schedule and spec static) and the
   convenience ``generate(model, prompts, key)``.
 
 Semantics follow diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline (so parity tests
@@ -18,7 +18,6 @@ sets ``force_zeros_for_empty_prompt``), one UNet call on concat(uncond, cond) pe
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, Sequence
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxforget import schedulers as S
-from jaxforget.distributed import runtime_compiler_options
+from jaxforget.distributed import runtime_jit
 from jaxforget.errors import ConfigError
 
 SAMPLERS = ("ddim", "euler")
@@ -385,19 +384,9 @@ def generate_from_ids(
     return GenerateOutput(images, latents)
 
 
-@functools.lru_cache(maxsize=None)
-def sampler_program() -> Any:
-    """The one jitted sampling program (``generate_from_ids``; schedule and spec static), built on
-    first use because its XLA options depend on the backend (``runtime_compiler_options``)."""
-    return jax.jit(generate_from_ids, static_argnames=("schedule", "spec"),
-                   compiler_options=runtime_compiler_options())
-
-
-def generate_jit(nets: Networks, prompt_ids: PromptIds, uncond_ids: PromptIds, key: jax.Array, *,
-                 schedule: S.NoiseSchedule, spec: SamplingSpec) -> GenerateOutput:
-    """``generate_from_ids`` through the one compiled sampling program; recompiles only for new
-    shapes, schedules or specs."""
-    return sampler_program()(nets, prompt_ids, uncond_ids, key, schedule=schedule, spec=spec)
+# the one compiled sampling program; recompiles only for new shapes, schedules or specs
+# (``generate_jit.program()`` is the jit itself, e.g. to lower it)
+generate_jit = runtime_jit(generate_from_ids, static_argnames=("schedule", "spec"))
 
 
 def make_spec(model: DiffusionModel, **kw: Any) -> SamplingSpec:

@@ -364,6 +364,33 @@ def test_train_step_compiles_with_the_cpu_options():
     assert np.isfinite(float(metrics["loss"])) and float(jnp.abs(new_params["w"] - 0.01).max()) > 0
 
 
+def test_runtime_jit_builds_one_program_with_the_runtime_options():
+    """Module-level programs (sampler, soft-prompt attack) go through ``runtime_jit``: one jit,
+    built on first call, compiled with the runtime XLA options, same values as plain jax.jit."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxforget import distributed as DIST
+
+    traces = []
+
+    def f(x, *, scale):
+        traces.append(1)
+        return jnp.tanh(x @ x) * scale + 1.0
+
+    fast = DIST.runtime_jit(f, static_argnames=("scale",))
+    assert fast.__name__ == "f" and fast.program() is fast.program()
+    x = jnp.full((64, 64), 0.01, jnp.float32)
+    got = fast(x, scale=2.0)
+    fast(x + 1.0, scale=2.0)
+    assert len(traces) == 1  # traced once for both calls
+    plain = jax.jit(f, static_argnames=("scale",))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(plain(x, scale=2.0)), rtol=1e-6)
+    assert "__ynn_fusion" not in fast.program().lower(x, scale=2.0).compile().as_text()
+    if jax.__version__.startswith("0.10."):  # the jaxlib the option was measured on (NOTES.md)
+        assert "__ynn_fusion" in plain.lower(x, scale=2.0).compile().as_text()
+
+
 def test_unknown_cpu_option_falls_back_to_xla_defaults(monkeypatch):
     from jaxforget import distributed as DIST
 

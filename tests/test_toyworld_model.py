@@ -82,7 +82,7 @@ def test_sampler_compiles_with_the_runtime_cpu_options(model):
     spec = make_spec(model, num_inference_steps=2, guidance_scale=1.0, return_latents=True)
     args = (model.networks, tokenize_prompts(model, ["a red circle", "a star"]), tokenize_prompts(model, [""]),
             jax.random.split(jax.random.PRNGKey(0), 2))
-    tuned = P.sampler_program().lower(*args, schedule=model.schedule, spec=spec).compile()
+    tuned = P.generate_jit.program().lower(*args, schedule=model.schedule, spec=spec).compile()
     assert "__ynn_fusion" not in tuned.as_text()
     default = jax.jit(P.generate_from_ids, static_argnames=("schedule", "spec"))
     if jax.__version__.startswith("0.10."):  # the jaxlib the option was measured on (NOTES.md)

@@ -52,6 +52,7 @@ from flax import nnx
 
 from jaxforget import pipeline as P
 from jaxforget import schedulers as S
+from jaxforget.distributed import runtime_jit
 from jaxforget.errors import ConfigError
 from jaxforget.models.clip import causal_mask, pooled_positions
 from jaxforget.models.layers import cast
@@ -206,8 +207,8 @@ def _unet_eps(unet: Any, x_t: jax.Array, t: jax.Array, emb: P.PromptEmbeds, time
     return unet(x_t, t, emb.context, added_cond=added).sample.astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("schedule", "steps", "batch_size", "lr", "t_min", "t_max", "objective",
-                                   "clip_skip", "size"))
+@partial(runtime_jit, static_argnames=("schedule", "steps", "batch_size", "lr", "t_min", "t_max", "objective",
+                                       "clip_skip", "size"))
 def _optimize(nets: P.Networks, unet_base: Any, attack_ids: P.PromptIds, teacher_emb: P.PromptEmbeds,
               z0: jax.Array, prompt_index: jax.Array, u0: tuple[jax.Array, ...], scale: tuple[jax.Array, ...],
               key: jax.Array, *, schedule: S.NoiseSchedule, steps: int, batch_size: int, lr: float, t_min: int,
@@ -245,7 +246,7 @@ def _optimize(nets: P.Networks, unet_base: Any, attack_ids: P.PromptIds, teacher
     return u, losses
 
 
-@partial(jax.jit, static_argnames=("schedule", "spec"))
+@partial(runtime_jit, static_argnames=("schedule", "spec"))
 def _generate(nets: P.Networks, ids: P.PromptIds, uncond_ids: P.PromptIds, prefix: tuple[jax.Array, ...] | None,
               keys: jax.Array, *, schedule: S.NoiseSchedule, spec: P.SamplingSpec) -> P.GenerateOutput:
     """``pipeline.generate_from_ids`` with a prefixed conditional prompt (the unconditional
