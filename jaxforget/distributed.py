@@ -150,7 +150,6 @@ def runtime_compiler_options() -> dict[str, Any] | None:
     return dict(RUNTIME_CPU_OPTIONS)
 
 
-
 def runtime_jit(fun: Callable, **jit_kwargs: Any) -> Callable:
     """``jax.jit(fun, **jit_kwargs)`` compiled with ``runtime_compiler_options()``, for module-level
     programs: the jit is built on the first call (``.program()``), because the options depend on

@@ -6,8 +6,7 @@ Split in three so the engine can reuse each piece:
   engine's shardings): ``encode_prompt_ids``, ``initial_latents``, ``sample_latents``,
   ``decode_latents``, ``generate_from_ids``.
 - ``generate_jit`` (``generate_from_ids`` under one ``jax.jit`` with the runtime XLA options;
-  schedule and spec static) and the
-  convenience ``generate(model, prompts, key)``.
+  schedule and spec static) and the convenience ``generate(model, prompts, key)``.
 
 Semantics follow diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline (so parity tests
 can feed both the same initial latents): unconditional prompt "" (SDXL: zeros when the pipeline

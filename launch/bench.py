@@ -349,7 +349,7 @@ def jax_bare_unet_times(unet: Any, batch: Mapping[str, np.ndarray], reps: int) -
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxforget.distributed import runtime_compiler_options
+    from jaxforget.distributed import runtime_jit
 
     graphdef, state = nnx.split(unet)
     key = next(k for k in batch if k.endswith("_z0"))
@@ -364,8 +364,7 @@ def jax_bare_unet_times(unet: Any, batch: Mapping[str, np.ndarray], reps: int) -
         return jnp.mean(jnp.square(fwd(s).astype(jnp.float32)))
 
     # the train step's and the sampler's XLA options, so the profile matches what they pay
-    opts = runtime_compiler_options()
-    fns = {"fwd": jax.jit(fwd, compiler_options=opts), "fwd_bwd": jax.jit(jax.grad(loss), compiler_options=opts)}
+    fns = {"fwd": runtime_jit(fwd), "fwd_bwd": runtime_jit(jax.grad(loss))}
     res = {}
     for name, fn in fns.items():
         jax.block_until_ready(fn(state))  # compile
