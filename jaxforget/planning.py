@@ -1,4 +1,4 @@
-"""Capacity planning without weights: AOT-compile the real unlearning step for a mesh, on CPU.
+"""Capacity planning without weights or chips: AOT-compile the real unlearning step for a mesh.
 
 The UNet is built from its diffusers config.json only, abstractly (``nnx.eval_shape``: shapes,
 dtypes and logical-axis metadata, no arrays). Parameter shardings come from the same rules the
@@ -23,9 +23,13 @@ FLOP accounting of one DFR step with B rows per set (forget and retain sets each
     the backward pass -> 10 fwd(B). (The input-gradient of conv_in is not needed, so "3×" is a
     hair high; elementwise ops — norms, softmax, activations — are not in the analytic count.)
 
-Caveats: the numbers are those of XLA's CPU compiler (its fusion, scheduling and buffer
-assignment), not the TPU / GPU compiler's; the CPU SPMD partitioner may emit an all-reduce
-where a TPU emits a reduce-scatter. Attention is materialized (``layers.attention``) unless
+Compile targets: by default the numbers are those of XLA's CPU compiler (its fusion, scheduling
+and buffer assignment), not the TPU / GPU compiler's; the CPU SPMD partitioner may emit an
+all-reduce where a TPU emits a reduce-scatter, and XLA:CPU schedules every FSDP all-gather at the
+program start, so its temp holds a gathered fp32 copy of the weights per UNet pass. With a TPU
+target (``TPU_TARGETS``, e.g. ``v5e-8``) the same step is compiled by the TPU compiler in libtpu
+for that slice's deviceless topology: no chip is needed, and the memory figures are the TPU
+compiler's own (gathers issued per layer, bf16 kept, its own rematerialization). Attention is materialized (``layers.attention``) unless
 ``attention_chunk`` is set: then the model's memory-efficient attention processes that many
 queries at a time under jax.checkpoint, and only one chunk's scores exist at once.
 
@@ -89,6 +93,28 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("TPU v5p", 459e12, 95 * GiB, 4800e9 / 8),  # ICI 4,800 Gbit/s
     Accelerator("H100", 989e12, 80 * GiB, 900e9),  # SXM5, NVLink 900 GB/s
 )
+
+
+
+# ============================================================================ compile targets
+@dataclass(frozen=True)
+class TpuTarget:
+    """A TPU slice to compile for without owning one: libtpu's deviceless AOT topology gives its
+    devices, and the step is compiled by the real TPU compiler (its fusion, scheduling, buffer
+    assignment and rematerialization), so the memory figures are those the slice would see."""
+
+    name: str  # "v5e-8"
+    topology: str  # libtpu topology name, "v5e:2x4"
+    chips_per_host: tuple[int, int, int]
+    accelerator: str  # the ACCELERATORS entry whose HBM the plan is checked against
+
+
+TPU_TARGETS: dict[str, TpuTarget] = {t.name: t for t in (
+    TpuTarget("v5e-1", "v5e:1x1", (1, 1, 1), "TPU v5e"),
+    TpuTarget("v5e-4", "v5e:2x2", (2, 2, 1), "TPU v5e"),
+    TpuTarget("v5e-8", "v5e:2x4", (2, 4, 1), "TPU v5e"),  # one host, 8 chips
+)}
+TARGETS = ("cpu", *TPU_TARGETS)
 
 REMAT_POLICIES = tuple(MODEL_REMAT_POLICIES)
 DTYPES = {"fp32": None, "float32": None, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
@@ -535,6 +561,7 @@ class Plan:
     analytic_fwd_flops_exact: float = 0.0  # same, counting only in-image conv taps (XLA's way)
     collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # per device, result bytes
     lower_seconds: float = 0.0  # of compile_seconds: tracing + lowering (the rest is XLA)
+    backend: str = "CPU, simulated devices"  # the compiler that produced the figures
     flops_source: str = "compiled"  # or "lowered unchunked step" (chunked attention is a loop)
 
     FLOP_TOLERANCE = 0.15
@@ -597,6 +624,7 @@ class Plan:
             "flops_ratio": round(self.flops_ratio, 4),
             "collective_bytes_per_device": self.collective_bytes,
             "compile_s": round(self.compile_seconds, 1),
+            "backend": self.backend,
         })
         for acc in ACCELERATORS:
             r[f"step_ms_{acc.key}"] = round(self.step_seconds(acc) * 1e3, 3)
@@ -617,7 +645,7 @@ class Plan:
             f"resolution={self.resolution} latent={self.latent[0]}x{self.latent[1]}x{self.latent[2]} "
             f"dtype={s.dtype} remat={s.remat} attention_chunk={s.attention_chunk or 'off'} trainable={s.trainable}",
             f"UNet parameters: {self.param_count / 1e6:.1f} M ({self.trainable_count / 1e6:.1f} M trained); "
-            f"step lowered + compiled (CPU, simulated devices) in {self.compile_seconds:.1f} s "
+            f"step lowered + compiled for {self.backend} in {self.compile_seconds:.1f} s "
             f"(trace/lower {self.lower_seconds:.1f} s, XLA {self.compile_seconds - self.lower_seconds:.1f} s)",
             "per-device memory (from the compiled program's buffer assignment):",
             f"  trained params      {g(self.params_bytes)}   (all devices: {self.params_total_bytes / GiB:.3f} GiB)",
@@ -696,12 +724,57 @@ def _build_step(spec: PlanSpec, checked: Checked, mesh: Mesh, attention_chunk: i
     return step, (split.params, opt_state, frozen, batch, rng), split, state
 
 
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    return target
+
+
+def target_devices(target: str) -> list[jax.Device] | None:
+    """The devices to compile for: None for ``cpu`` (the simulated host devices), else the TPU
+    slice's devices from libtpu's deviceless topology (no TPU needed; libtpu must be installed:
+    ``pip install "jax[tpu]"``, which picks the libtpu of the installed jax)."""
+    import importlib.util
+    import os
+
+    if check_target(target) == "cpu":
+        return None
+    t = TPU_TARGETS[target]
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--target {target}: compiling for a TPU needs libtpu, which is not installed "
+                          f"(pip install \"jax[tpu]\")")
+    # no TPU VM here: skip the metadata-server queries, and let tests / a second plan load libtpu
+    # beside a process that already holds it
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")  # silences libtpu's host probe
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=t.topology, chip_config_name="default",
+                                            chips_per_host_bounds=t.chips_per_host, num_slices=1,
+                                            wrap=(False, False, False))
+    except Exception as err:  # noqa: BLE001 — a libtpu that does not match jaxlib, most often
+        raise ConfigError(f"--target {target}: libtpu could not describe topology {t.topology} "
+                          f"({' '.join(str(err).split())[:300]})") from None
+    return list(topo.devices)
+
+
+def _backend_name(mesh: Mesh) -> str:
+    d = mesh.devices.flat[0]
+    if d.platform == "cpu":
+        return "CPU, simulated devices"
+    return f"{d.device_kind} ({d.platform}; libtpu deviceless AOT, no chip needed)"
+
+
 def _plan_mesh(spec: PlanSpec, devices: list[jax.Device] | None) -> Mesh:
     n = spec.devices
     devices = list(devices if devices is not None else jax.devices())
     if len(devices) < n:
-        raise ConfigError(f"--mesh {spec.mesh_str} needs {n} devices, only {len(devices)} visible "
-                          f"(set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts)")
+        hint = (f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts"
+                if devices and devices[0].platform == "cpu" else "the target slice has fewer chips")
+        raise ConfigError(f"--mesh {spec.mesh_str} needs {n} devices, only {len(devices)} visible ({hint})")
     return SH.make_mesh(spec.mesh_shape, devices[:n])
 
 
@@ -709,6 +782,12 @@ def _lowered_unchunked_flops(spec: PlanSpec, checked: Checked, mesh: Mesh) -> fl
     """Global FLOPs of one step from XLA's cost analysis of the step lowered (not compiled) with
     whole-sequence attention. XLA counts a loop body once, and chunked attention is a loop over
     the chunks; the math is identical, so this is the chunked step's count too."""
+    if mesh.devices.flat[0].platform != "cpu":
+        # a deviceless TPU topology reports no cost analysis for a lowered (uncompiled) module;
+        # the count is taken before SPMD partitioning, so the same step on CPU devices is equal
+        cpus = jax.devices("cpu")
+        mesh = (SH.make_mesh(spec.mesh_shape, cpus[:spec.devices]) if len(cpus) >= spec.devices
+                else SH.make_mesh({a: 1 for a in spec.mesh_shape}, cpus[:1]))
     step, args, _, _ = _build_step(spec, checked, mesh, 0)
     lowered = jax.jit(step, in_shardings=tuple(shardings_of(a) for a in args)).lower(*args)
     return _cost_flops(lowered)
@@ -824,7 +903,7 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
         flops_breakdown=fwd,
         analytic_fwd_flops_exact=unet_forward_flops(cfg, spec.batch, hw[0], hw[1], spec.seq_len,
                                                     exclude_padding=True)["total"],
-        collectives=collectives, lower_seconds=timings["lower"],
+        collectives=collectives, lower_seconds=timings["lower"], backend=_backend_name(mesh),
     )
 
 
@@ -833,7 +912,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "model", "resolution", "batch", "mesh", "devices", "dtype", "remat", "attention_chunk", "method", "mfu",
     "params", "trainable_params", "peak_gib_per_device", "params_gib", "frozen_gib", "opt_state_gib",
     "temp_gib", "flops_per_step", "flops_per_device", "analytic_flops_per_step", "flops_ratio",
-    "collective_bytes_per_device", "compile_s",
+    "collective_bytes_per_device", "compile_s", "backend",
     *(f"step_ms_{a.key}" for a in ACCELERATORS), *(f"fits_{a.key}" for a in ACCELERATORS), "error",
 )
 

@@ -6,6 +6,9 @@ One plan:
     python launch/plan.py --model sdxl --mesh fsdp=8 --batch 8 --method dfr \
         [--resolution 1024] [--remat none|full|dots|layers] [--dtype fp32|bf16] [--attention-chunk 0] [--mfu 0.4]
 
+The same, compiled by the TPU compiler for a v5e-8 slice (libtpu's deviceless AOT; no TPU needed,
+pip install "jax[tpu]"): add --target v5e-8 (also v5e-1, v5e-4).
+
 Only the FLOP count and its check against the analytic count (the step lowered, not compiled):
     python launch/plan.py --model sdxl --mesh fsdp=8 --batch 8 --method dfr --resolution 1024 --flops-only
 
@@ -46,6 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization")
     p.add_argument("--seq-len", type=int, default=77, help="text tokens per prompt")
     p.add_argument("--trainable", default="all", help="trainable filter (preset or regex); DFR trains all")
+    p.add_argument("--target", default="cpu",
+                   help="compiler to plan with: cpu (XLA:CPU on simulated devices) or a TPU slice "
+                        "(v5e-1, v5e-4, v5e-8: the TPU compiler from libtpu, deviceless; pip install \"jax[tpu]\")")
 
 
 def _plan_parser() -> argparse.ArgumentParser:
@@ -96,13 +102,15 @@ def _plan(argv: list[str]) -> int:
     spec = PL.PlanSpec(model=args.model, mesh=tuple(mesh.items()), batch=args.batch,
                        resolution=args.resolution, **_spec_common(args))
     PL.check_spec(spec)  # bad input fails here, before the backend starts or anything compiles
+    PL.check_target(args.target)
     _set_device_count(spec.devices)
+    devices = PL.target_devices(args.target)
     t0 = time.time()
     if args.flops_only:
-        print(PL.count_flops(spec).report(), flush=True)
+        print(PL.count_flops(spec, devices).report(), flush=True)
         return 0
     progress = lambda line: print(f"[{time.time() - t0:7.1f} s] {line}", file=sys.stderr, flush=True)  # noqa: E731
-    print(PL.plan(spec, progress=progress).report(), flush=True)
+    print(PL.plan(spec, devices, progress=progress).report(), flush=True)
     return 0
 
 
@@ -121,9 +129,10 @@ def _sweep(argv: list[str]) -> int:
     meshes = PL.parse_meshes(args.meshes)
     specs = PL.sweep_specs(models, resolutions, batches, meshes, **_spec_common(args))
     PL.check_options(specs[0])
+    PL.check_target(args.target)
     _set_device_count(max(s.devices for s in specs))
     out = Path(args.out)
-    PL.run_sweep(specs, out, log=lambda line: print(line, flush=True))
+    PL.run_sweep(specs, out, PL.target_devices(args.target), log=lambda line: print(line, flush=True))
     print(f"wrote {out / 'plan_sweep.csv'} and {out / 'plan_sweep.png'} ({len(specs)} combinations)")
     return 0
 

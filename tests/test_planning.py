@@ -229,6 +229,7 @@ def test_sweep_csv_plot_and_recorded_errors(tmp_path):
         assert r["error"] == "" and float(r["peak_gib_per_device"]) > 0 and float(r["flops_per_step"]) > 0
         assert r["fits_tpu_v5e"] == "True" and float(r["step_ms_h100"]) > 0, r
         assert r["resolution"] == "64" and r["dtype"] == "fp32" and r["remat"] == "none"
+        assert r["backend"] == "CPU, simulated devices"
     # collectives: none on one device, some with fsdp=2; the batch-2 step does twice batch-1's work
     assert int(table[0]["collective_bytes_per_device"]) == 0 == int(table[2]["collective_bytes_per_device"])
     assert int(table[3]["collective_bytes_per_device"]) > 0
@@ -254,13 +255,19 @@ def test_cli_sweep_sets_device_count(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _main(argv, capsys):
-    """launch/plan.py's main in-process: (exit status, stderr lines)."""
+def _cli():
+    """launch/plan.py as a module."""
     sys.path.insert(0, str(ROOT / "launch"))
     try:
         import plan as cli
     finally:
         sys.path.pop(0)
+    return cli
+
+
+def _main(argv, capsys):
+    """launch/plan.py's main in-process: (exit status, stderr lines)."""
+    cli = _cli()
     try:
         rc = cli.main(argv)
     except SystemExit as e:  # argparse usage errors
@@ -285,6 +292,8 @@ def _main(argv, capsys):
     (["sweep", "--models", "sd15", "--resolutions", "512,513", "--out", "/tmp/x"], "513"),
     (["sweep", "--models", "sd15", "--batches", "1,x", "--out", "/tmp/x"], "x"),
     (["sweep", "--models", "sd15"], "--out"),
+    (["--model", "sd15", "--target", "v9x-8"], "v9x-8"),
+    (["--model", "sd15", "--mesh", "fsdp=16", "--batch", "16", "--target", "v5e-8"], "fewer chips"),
 ])
 def test_cli_bad_input_one_line_exit_2(argv, needle, capsys):
     rc, err = _main(argv, capsys)
@@ -294,11 +303,7 @@ def test_cli_bad_input_one_line_exit_2(argv, needle, capsys):
 def test_cli_flops_only_skips_the_compile(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(MINI))
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import plan as cli
-    finally:
-        sys.path.pop(0)
+    cli = _cli()
     rc = cli.main(["--model", str(path), "--mesh", "fsdp=2", "--batch", "2", "--seq-len", "7", "--flops-only"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -338,3 +343,47 @@ def test_analytic_flops_equal_torch_flop_counter_on_shipped_configs():
                       **kw)
         ours = PL.unet_forward_flops(cfg, 2, h, h, seq_len=77)["total"]
         assert ours == pytest.approx(counter.get_total_flops(), rel=1e-9), name
+
+
+# ----------------------------------------------------------------------------- TPU target
+def test_plan_compiles_for_a_v5e_slice_without_a_tpu(tmp_path):
+    # libtpu (installed by the test extra, "jax[tpu]") describes a v5e-8 slice without a chip, and
+    # the TPU compiler compiles the same DFR step for it: FSDP-sharded state, all-gathers, the
+    # TPU's buffer assignment. Figures are the TPU compiler's, so only their structure is checked.
+    devices = PL.target_devices("v5e-8")
+    assert len(devices) == 8 and {d.platform for d in devices} == {"tpu"}
+    assert "v5" in devices[0].device_kind.lower()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MINI))
+    p = PL.plan(PL.PlanSpec(model=str(path), mesh=(("fsdp", 8),), batch=8, seq_len=7, dtype="bf16"), devices)
+    assert p.devices == 8 and p.backend.startswith(devices[0].device_kind) and "libtpu" in p.backend
+    assert p.params_bytes < 0.3 * p.params_total_bytes  # fsdp=8: about 1/8 each (+ replicated norms)
+    assert abs(p.opt_bytes - 2 * p.params_bytes) <= 64 and p.alias_bytes > 0
+    assert p.temp_bytes > 0 and p.collectives["all-gather"] > 0, p.collectives
+    assert 0.8 <= p.flops_ratio <= 2.0, p.flops_ratio  # tiny 8x8 latents: elementwise work weighs
+    assert "libtpu deviceless AOT" in p.report() and p.row()["backend"] == p.backend
+    # a TPU topology gives no cost analysis for an uncompiled module: the unchunked count (chunked
+    # plans, --flops-only) is taken on CPU devices, the same global count before partitioning
+    chunked = PL.PlanSpec(model=str(path), mesh=(("fsdp", 8),), batch=8, seq_len=7, attention_chunk=16)
+    on_tpu, on_cpu = PL.count_flops(chunked, devices), PL.count_flops(chunked, jax.devices("cpu")[:8])
+    assert on_tpu.lowered_flops > 0 and on_tpu.lowered_flops == pytest.approx(on_cpu.lowered_flops, rel=1e-9)
+
+
+def test_cli_target_v5e_8_flops_only(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MINI))
+    cli = _cli()
+    rc = cli.main(["--model", str(path), "--mesh", "fsdp=8", "--batch", "8", "--seq-len", "7",
+                   "--attention-chunk", "16", "--target", "v5e-8", "--flops-only"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "FLOP check: lowered / analytic" in out and "within ±15%" in out, out
+
+
+def test_tpu_target_without_libtpu_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"--target v5e-8: .*libtpu.*jax\[tpu\]"):
+        PL.target_devices("v5e-8")
+    assert PL.target_devices("cpu") is None
