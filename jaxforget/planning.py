@@ -29,9 +29,11 @@ all-reduce where a TPU emits a reduce-scatter, and XLA:CPU schedules every FSDP 
 program start, so its temp holds a gathered fp32 copy of the weights per UNet pass. With a TPU
 target (``TPU_TARGETS``, e.g. ``v5e-8``) the same step is compiled by the TPU compiler in libtpu
 for that slice's deviceless topology: no chip is needed, and the memory figures are the TPU
-compiler's own (gathers issued per layer, bf16 kept, its own rematerialization). Attention is materialized (``layers.attention``) unless
-``attention_chunk`` is set: then the model's memory-efficient attention processes that many
-queries at a time under jax.checkpoint, and only one chunk's scores exist at once.
+compiler's own (gathers issued per layer, bf16 kept, its own rematerialization).
+
+Attention is materialized (``layers.attention``) unless ``attention_chunk`` is set: then the
+model's memory-efficient attention processes that many queries at a time under jax.checkpoint,
+and only one chunk's scores exist at once.
 
 Rematerialization is the model's own (``models/unet.py`` REMAT_POLICIES: ``full`` / ``dots`` per
 down / mid / up block, ``layers`` per transformer layer and resnet), selected through
@@ -95,7 +97,6 @@ ACCELERATORS: tuple[Accelerator, ...] = (
 )
 
 
-
 # ============================================================================ compile targets
 @dataclass(frozen=True)
 class TpuTarget:
@@ -106,13 +107,12 @@ class TpuTarget:
     name: str  # "v5e-8"
     topology: str  # libtpu topology name, "v5e:2x4"
     chips_per_host: tuple[int, int, int]
-    accelerator: str  # the ACCELERATORS entry whose HBM the plan is checked against
 
 
 TPU_TARGETS: dict[str, TpuTarget] = {t.name: t for t in (
-    TpuTarget("v5e-1", "v5e:1x1", (1, 1, 1), "TPU v5e"),
-    TpuTarget("v5e-4", "v5e:2x2", (2, 2, 1), "TPU v5e"),
-    TpuTarget("v5e-8", "v5e:2x4", (2, 4, 1), "TPU v5e"),  # one host, 8 chips
+    TpuTarget("v5e-1", "v5e:1x1", (1, 1, 1)),
+    TpuTarget("v5e-4", "v5e:2x2", (2, 2, 1)),
+    TpuTarget("v5e-8", "v5e:2x4", (2, 4, 1)),  # one host, 8 chips
 )}
 TARGETS = ("cpu", *TPU_TARGETS)
 

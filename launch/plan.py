@@ -102,7 +102,6 @@ def _plan(argv: list[str]) -> int:
     spec = PL.PlanSpec(model=args.model, mesh=tuple(mesh.items()), batch=args.batch,
                        resolution=args.resolution, **_spec_common(args))
     PL.check_spec(spec)  # bad input fails here, before the backend starts or anything compiles
-    PL.check_target(args.target)
     _set_device_count(spec.devices)
     devices = PL.target_devices(args.target)
     t0 = time.time()
@@ -129,7 +128,6 @@ def _sweep(argv: list[str]) -> int:
     meshes = PL.parse_meshes(args.meshes)
     specs = PL.sweep_specs(models, resolutions, batches, meshes, **_spec_common(args))
     PL.check_options(specs[0])
-    PL.check_target(args.target)
     _set_device_count(max(s.devices for s in specs))
     out = Path(args.out)
     PL.run_sweep(specs, out, PL.target_devices(args.target), log=lambda line: print(line, flush=True))
