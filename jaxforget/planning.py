@@ -563,6 +563,9 @@ class Plan:
     lower_seconds: float = 0.0  # of compile_seconds: tracing + lowering (the rest is XLA)
     backend: str = "CPU, simulated devices"  # the compiler that produced the figures
     flops_source: str = "compiled"  # or "lowered unchunked step" (chunked attention is a loop)
+    # memory_analysis().peak_memory_in_bytes: the compiler's own peak over its schedule (0: none given)
+    compiler_peak_bytes: int = 0
+    compiled_for: str = ""  # ACCELERATORS key of the chip whose own compiler built the program
 
     FLOP_TOLERANCE = 0.15
 
@@ -604,6 +607,10 @@ class Plan:
         return max(self.compute_seconds(acc), self.comm_seconds(acc))
 
     def fits(self, acc: Accelerator) -> bool:
+        if acc.key == self.compiled_for:
+            # that chip's compiler checks its HBM itself and rejects a program over it (DoesNotFit);
+            # its limit is below the sum of memory_analysis' figures, which overstate TPU temp
+            return True
         return self.peak_bytes <= acc.hbm_bytes
 
     def row(self) -> dict[str, Any]:
@@ -614,6 +621,7 @@ class Plan:
             "params": self.param_count,
             "trainable_params": self.trainable_count,
             "peak_gib_per_device": round(self.peak_bytes / GiB, 4),
+            "compiler_peak_gib_per_device": round(self.compiler_peak_bytes / GiB, 4) if self.compiler_peak_bytes else "",
             "params_gib": round(self.params_bytes / GiB, 4),
             "frozen_gib": round(self.frozen_bytes / GiB, 4),
             "opt_state_gib": round(self.opt_bytes / GiB, 4),
@@ -657,6 +665,8 @@ class Plan:
             f"  arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, aliased (donated) "
             f"{g(self.alias_bytes)}",
             f"  peak ≈ args + outputs − aliased + temp = {g(self.peak_bytes)}",
+            *([f"  compiler's peak      {g(self.compiler_peak_bytes)}   (memory_analysis peak_memory_in_bytes: "
+               f"buffers live at once in its schedule)"] if self.compiler_peak_bytes else []),
             f"collectives per device per step: {coll.get('total', 0) / GiB:.3f} GiB in {coll.get('count', 0)} ops"
             + (f" ({kinds} GiB)" if kinds else ""),
             f"FLOPs per step: {self.flops_source} {self.compiled_flops:.4g}/device × {self.devices} = "
@@ -676,6 +686,8 @@ class Plan:
         ]
         for acc in ACCELERATORS:
             fits = "fits" if self.fits(acc) else "DOES NOT FIT"
+            if acc.key == self.compiled_for:
+                fits = "fits (its compiler's HBM check passed)"
             lines.append(
                 f"  {acc.name:8s} {acc.peak_flops / 1e12:5.0f} TFLOP/s  compute {self.compute_seconds(acc) * 1e3:9.1f} ms"
                 f"  collectives {self.comm_seconds(acc) * 1e3:8.1f} ms  -> {self.step_seconds(acc) * 1e3:9.1f} ms"
@@ -766,6 +778,50 @@ def _backend_name(mesh: Mesh) -> str:
     if d.platform == "cpu":
         return "CPU, simulated devices"
     return f"{d.device_kind} ({d.platform}; libtpu deviceless AOT, no chip needed)"
+
+
+def _chip_key(mesh: Mesh) -> str:
+    """The ACCELERATORS key of a TPU mesh's chip ("" on CPU or an unlisted chip)."""
+    d = mesh.devices.flat[0]
+    kind = d.device_kind.lower() if d.platform == "tpu" else ""
+    if "v5 lite" in kind or "v5e" in kind:
+        return "tpu_v5e"
+    return "tpu_v5p" if "v5" in kind else ""
+
+
+class DoesNotFit(Exception):
+    """The target chip's own compiler rejected the step for want of HBM. An answer, not a bad
+    input: ``launch/plan.py`` prints it as the plan's verdict, a sweep records it in its row."""
+
+    def __init__(self, spec: PlanSpec, backend: str, chip: str, summary: str):
+        super().__init__(f"does not fit: the compiler for {backend} rejected the step: {summary}")
+        self.spec, self.backend, self.chip, self.summary = spec, backend, chip, summary
+
+    def report(self) -> str:
+        s = self.spec
+        return (f"plan: model={s.model} method={s.method} mesh={s.mesh_str} ({s.devices} devices) batch={s.batch}/set "
+                f"resolution={s.resolution or 'config'} dtype={s.dtype} remat={s.remat} "
+                f"attention_chunk={s.attention_chunk or 'off'} trainable={s.trainable}\n"
+                f"DOES NOT FIT: the compiler for {self.backend} rejected the step: {self.summary}")
+
+
+def hbm_oom_summary(message: str) -> str | None:
+    """One line from the TPU compiler's out-of-HBM error, None for any other error. libtpu words it
+    two ways: the whole program ("Used 16.15G of 15.75G hbm", then a breakdown) or, when the
+    temporaries alone are too many, "HLO temporaries (25.73G) exceeds available HBM (15.75G)"."""
+    text = " ".join(message.split())
+    used = re.search(r"Used (\S+) of (\S+) hbm", text)
+    if used:
+        parts = [f"used {used[1]} of the {used[2]} HBM it may use"]
+        for name in ("program", "arguments", "reserved"):
+            m = re.search(rf"\b{name} (\d[\d.]*[KMGT]?)", text)
+            if m:
+                parts.append(f"{name} {m[1]}")
+        return ", ".join(parts)
+    temps = re.search(r"HLO temporaries \((\S+)\) exceeds available HBM \((\S+)\)", text)
+    if temps:
+        return f"its temporaries alone need {temps[1]} of the {temps[2]} HBM it may use"
+    return None
 
 
 def _plan_mesh(spec: PlanSpec, devices: list[jax.Device] | None) -> Mesh:
@@ -866,8 +922,22 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
     timings: dict[str, float] = {}
     if progress is not None:
         progress(f"tracing the {spec.method} step ({spec.devices} devices, mesh {spec.mesh_str}) ...")
-    compiled = compile_step(step, (params, opt_state, frozen, batch, rng), rep, compiler_options, timings,
-                            progress)
+    on_tpu = mesh.devices.flat[0].platform != "cpu"
+    # a deviceless executable cannot be loaded back from JAX's persistent cache (it warns and
+    # compiles again), so do not write SDXL-size ones there
+    cache_was = jax.config.jax_enable_compilation_cache
+    if on_tpu:
+        jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        compiled = compile_step(step, (params, opt_state, frozen, batch, rng), rep, compiler_options, timings,
+                                progress)
+    except Exception as err:
+        summary = hbm_oom_summary(str(err)) if on_tpu else None
+        if summary is None:
+            raise
+        raise DoesNotFit(spec, _backend_name(mesh), _chip_key(mesh), summary) from None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     secs = timings["lower"] + timings["compile"]
     if progress is not None:
         progress(f"XLA compile done in {timings['compile']:.1f} s")
@@ -904,13 +974,14 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
         analytic_fwd_flops_exact=unet_forward_flops(cfg, spec.batch, hw[0], hw[1], spec.seq_len,
                                                     exclude_padding=True)["total"],
         collectives=collectives, lower_seconds=timings["lower"], backend=_backend_name(mesh),
+        compiler_peak_bytes=int(getattr(mem, "peak_memory_in_bytes", 0) or 0), compiled_for=_chip_key(mesh),
     )
 
 
 # ============================================================================ sweep
 SWEEP_COLUMNS: tuple[str, ...] = (
     "model", "resolution", "batch", "mesh", "devices", "dtype", "remat", "attention_chunk", "method", "mfu",
-    "params", "trainable_params", "peak_gib_per_device", "params_gib", "frozen_gib", "opt_state_gib",
+    "params", "trainable_params", "peak_gib_per_device", "compiler_peak_gib_per_device", "params_gib", "frozen_gib", "opt_state_gib",
     "temp_gib", "flops_per_step", "flops_per_device", "analytic_flops_per_step", "flops_ratio",
     "collective_bytes_per_device", "compile_s", "backend",
     *(f"step_ms_{a.key}" for a in ACCELERATORS), *(f"fits_{a.key}" for a in ACCELERATORS), "error",
@@ -1024,6 +1095,10 @@ def run_sweep(specs: list[PlanSpec], out_dir: str | Path, devices: list[jax.Devi
         try:
             p = plan(spec, devices, compiler_options)
             row = p.row()
+        except DoesNotFit as err:  # an answer for the chip compiled for: no figures, fits False
+            row = _spec_row(spec, spec.resolution) | {"error": str(err), "backend": err.backend}
+            if err.chip:
+                row[f"fits_{err.chip}"] = False
         except Exception as err:  # noqa: BLE001 — recorded in the table, the sweep goes on
             row = _spec_row(spec, spec.resolution) | {"error": _one_line(err)}
         rows.append(row)

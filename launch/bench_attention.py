@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(fn(*shape, args.reps)))
         return
     core = args.core if args.core is not None else max(os.sched_getaffinity(0))
+    # four decimals: the tiny shapes (tests) take microseconds, which one decimal rounds to 0.0
     print(f"attention forward + backward, ms (median of {args.reps}), one core (cpu {core})")
     print(f"{'B, H, Lq, Lk, D':>22}  {'jax before':>10}  {'jax now':>8}  {'torch SDPA':>10}")
     for shape in args.shapes.split(";"):
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             res = subprocess.run(cmd, env={**os.environ, **ONE_CORE}, capture_output=True, text=True, check=True,
                                  preexec_fn=lambda: os.sched_setaffinity(0, {core}))
             row.update(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(f"{shape.replace(',', ', '):>22}  {row['jax_before']:10.1f}  {row['jax_now']:8.1f}  {row['torch_sdpa']:10.1f}")
+        print(f"{shape.replace(',', ', '):>22}  {row['jax_before']:10.4f}  {row['jax_now']:8.4f}  {row['torch_sdpa']:10.4f}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                              preexec_fn=lambda: os.sched_setaffinity(0, {core}))
         row = json.loads(res.stdout.strip().splitlines()[-1])
         side = row["out_side"]
-        print(f"{shape.replace(',', ', '):>20}  {f'{side}x{side}':>6}  {row['lax_conv']:8.2f}  {row['patches']:8.2f}")
+        print(f"{shape.replace(',', ', '):>20}  {f'{side}x{side}':>6}  {row['lax_conv']:8.4f}  {row['patches']:8.4f}")
 
 
 if __name__ == "__main__":

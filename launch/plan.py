@@ -19,7 +19,9 @@ A sweep (CSV + plot; failed combinations are rows with their error):
 
 --model / --models: shipped names (sd15, sd21, sdxl: configs/models/<name>/unet/config.json) or
 paths to a diffusers UNet config.json. --batch is the global number of rows per set (forget and
-retain each), sharded over data × fsdp. Bad input: one line on stderr, exit status 2.
+retain each), sharded over data × fsdp. Bad input: one line on stderr, exit status 2. With a TPU
+--target, a step over the chip's HBM is rejected by its compiler: the plan prints "DOES NOT FIT"
+with the compiler's figures (exit status 0; a sweep writes it in the row's error column).
 """
 import argparse
 import os
@@ -109,7 +111,10 @@ def _plan(argv: list[str]) -> int:
         print(PL.count_flops(spec, devices).report(), flush=True)
         return 0
     progress = lambda line: print(f"[{time.time() - t0:7.1f} s] {line}", file=sys.stderr, flush=True)  # noqa: E731
-    print(PL.plan(spec, devices, progress=progress).report(), flush=True)
+    try:
+        print(PL.plan(spec, devices, progress=progress).report(), flush=True)
+    except PL.DoesNotFit as verdict:  # the target's compiler said no: an answer, printed as one
+        print(verdict.report(), flush=True)
     return 0
 
 

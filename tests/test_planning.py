@@ -68,6 +68,8 @@ def test_plan_compiles_and_memory_is_sharded(tiny_plan):
     # AdamW: two moments per trained param, sharded like them (+ a replicated count)
     assert abs(p.opt_bytes - 2 * p.params_bytes) <= 64
     assert p.alias_bytes > 0  # params and optimizer state are donated
+    # XLA's own liveness peak: on CPU at most the sum of the buffers (they are reused over the step)
+    assert 0 < p.compiler_peak_bytes <= p.peak_bytes and p.compiled_for == ""
     # FSDP: weights are all-gathered, gradients reduced across the mesh
     assert p.collective_bytes > 0 and p.collectives["all-gather"] > 0, p.collectives
     rep = p.report()
@@ -355,7 +357,13 @@ def test_plan_compiles_for_a_v5e_slice_without_a_tpu(tmp_path):
     assert "v5" in devices[0].device_kind.lower()
     path = tmp_path / "config.json"
     path.write_text(json.dumps(MINI))
+    cache_was = jax.config.jax_enable_compilation_cache
     p = PL.plan(PL.PlanSpec(model=str(path), mesh=(("fsdp", 8),), batch=8, seq_len=7, dtype="bf16"), devices)
+    assert jax.config.jax_enable_compilation_cache == cache_was  # off only around the deviceless compile
+    # the v5e's own compiler accepted the program: v5e fits by its HBM check; its liveness peak is given
+    v5e = next(a for a in PL.ACCELERATORS if a.key == "tpu_v5e")
+    assert p.compiled_for == "tpu_v5e" and p.fits(v5e) and p.compiler_peak_bytes > 0
+    assert "its compiler's HBM check passed" in p.report() and p.row()["compiler_peak_gib_per_device"] != ""
     assert p.devices == 8 and p.backend.startswith(devices[0].device_kind) and "libtpu" in p.backend
     assert p.params_bytes < 0.3 * p.params_total_bytes  # fsdp=8: about 1/8 each (+ replicated norms)
     assert abs(p.opt_bytes - 2 * p.params_bytes) <= 64 and p.alias_bytes > 0
@@ -387,3 +395,32 @@ def test_tpu_target_without_libtpu_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"--target v5e-8: .*libtpu.*jax\[tpu\]"):
         PL.target_devices("v5e-8")
     assert PL.target_devices("cpu") is None
+
+
+def test_hbm_oom_summary_reads_both_wordings():
+    # the TPU compiler's two out-of-HBM messages (libtpu 0.0.42.1), as it printed them
+    whole = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+             "Used 16.15G of 15.75G hbm. Exceeded hbm capacity by 407.04M.\n\nTotal hbm usage >= 16.40G:\n"
+             "    reserved        258.00M \n    program          11.11G \n    arguments         5.04G \n")
+    assert PL.hbm_oom_summary(whole) == ("used 16.15G of the 15.75G HBM it may use, program 11.11G, "
+                                         "arguments 5.04G, reserved 258.00M")
+    temps = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(25.73G) exceeds available HBM (15.75G).")
+    assert PL.hbm_oom_summary(temps) == "its temporaries alone need 25.73G of the 15.75G HBM it may use"
+    assert PL.hbm_oom_summary("INTERNAL: Mosaic failed") is None
+
+
+def test_step_over_a_v5e_hbm_is_a_does_not_fit_verdict(tmp_path, capsys):
+    # MINI at 1024 px, batch 8, whole-sequence attention over 128x128 latents: score matrices of
+    # tens of GiB, rejected by the TPU compiler for one v5e chip; the plan says so (exit 0), and
+    # a sweep row records it with fits_tpu_v5e False
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MINI))
+    argv = ["--model", str(path), "--mesh", "data=1", "--batch", "8", "--seq-len", "7", "--dtype", "bf16",
+            "--resolution", "1024", "--target", "v5e-1"]
+    assert _cli().main(argv) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT: the compiler for TPU v5 lite" in out and "of the 15.75G HBM it may use" in out, out
+    spec = PL.PlanSpec(model=str(path), batch=8, seq_len=7, dtype="bf16", resolution=1024)
+    (row,) = PL.run_sweep([spec], tmp_path / "sweep", PL.target_devices("v5e-1"))
+    assert row["error"].startswith("does not fit") and row["fits_tpu_v5e"] is False and "libtpu" in row["backend"]
