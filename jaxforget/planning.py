@@ -924,10 +924,11 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
         progress(f"tracing the {spec.method} step ({spec.devices} devices, mesh {spec.mesh_str}) ...")
     on_tpu = mesh.devices.flat[0].platform != "cpu"
     # a deviceless executable cannot be loaded back from JAX's persistent cache (it warns and
-    # compiles again), so do not write SDXL-size ones there
-    cache_was = jax.config.jax_enable_compilation_cache
+    # compiles again), so none is written there: the write, unlike the cache's on/off switch
+    # (checked once per process), reads its minimum compile time at every compile
+    min_secs_was = jax.config.jax_persistent_cache_min_compile_time_secs
     if on_tpu:
-        jax.config.update("jax_enable_compilation_cache", False)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
         compiled = compile_step(step, (params, opt_state, frozen, batch, rng), rep, compiler_options, timings,
                                 progress)
@@ -937,7 +938,7 @@ def plan(spec: PlanSpec, devices: list[jax.Device] | None = None,
             raise
         raise DoesNotFit(spec, _backend_name(mesh), _chip_key(mesh), summary) from None
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs_was)
     secs = timings["lower"] + timings["compile"]
     if progress is not None:
         progress(f"XLA compile done in {timings['compile']:.1f} s")
