@@ -685,13 +685,15 @@ class Plan:
             f"bandwidth):",
         ]
         for acc in ACCELERATORS:
-            fits = "fits" if self.fits(acc) else "DOES NOT FIT"
+            fits, peak = ("fits" if self.fits(acc) else "DOES NOT FIT"), f"peak {self.peak_bytes / GiB:.2f} GiB"
             if acc.key == self.compiled_for:
                 fits = "fits (its compiler's HBM check passed)"
+                if self.compiler_peak_bytes:
+                    peak = f"compiler's peak {self.compiler_peak_bytes / GiB:.2f} GiB"
             lines.append(
                 f"  {acc.name:8s} {acc.peak_flops / 1e12:5.0f} TFLOP/s  compute {self.compute_seconds(acc) * 1e3:9.1f} ms"
                 f"  collectives {self.comm_seconds(acc) * 1e3:8.1f} ms  -> {self.step_seconds(acc) * 1e3:9.1f} ms"
-                f"   {fits} in {acc.hbm_bytes / GiB:.0f} GiB HBM (peak {self.peak_bytes / GiB:.2f} GiB)")
+                f"   {fits} in {acc.hbm_bytes / GiB:.0f} GiB HBM ({peak})")
         return "\n".join(lines)
 
 

@@ -364,7 +364,8 @@ def test_plan_compiles_for_a_v5e_slice_without_a_tpu(tmp_path):
     # the v5e's own compiler accepted the program: v5e fits by its HBM check; its liveness peak is given
     v5e = next(a for a in PL.ACCELERATORS if a.key == "tpu_v5e")
     assert p.compiled_for == "tpu_v5e" and p.fits(v5e) and p.compiler_peak_bytes > 0
-    assert "its compiler's HBM check passed" in p.report() and p.row()["compiler_peak_gib_per_device"] != ""
+    assert "fits (its compiler's HBM check passed) in 16 GiB HBM (compiler's peak" in p.report()
+    assert p.row()["compiler_peak_gib_per_device"] != "" and p.row()["fits_tpu_v5e"] is True
     assert p.devices == 8 and p.backend.startswith(devices[0].device_kind) and "libtpu" in p.backend
     assert p.params_bytes < 0.3 * p.params_total_bytes  # fsdp=8: about 1/8 each (+ replicated norms)
     assert abs(p.opt_bytes - 2 * p.params_bytes) <= 64 and p.alias_bytes > 0
