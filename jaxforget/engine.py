@@ -198,6 +198,7 @@ class RunConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16 (params and losses stay fp32)
     remat: str = "none"  # none | full | dots | layers: jax.checkpoint policy in the UNet (student backward)
     attention_chunk: int = 0  # memory-efficient attention: queries per chunk (0: whole-sequence attention)
+    tensorboard: bool = False  # event files under <run_dir>/tensorboard (train losses, eval metrics, grids)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainable: TR.Config = field(default_factory=TR.Config)
@@ -648,6 +649,7 @@ class ContinualRun:
         self.param_sharding = SH.param_shardings(base_state, self.mesh)
         self.base_state = jax.device_put(base_state, self.param_sharding)
         self.evaluator = evaluator
+        self.tensorboard: Any = None  # TensorBoardLog while run() applies requests with cfg.tensorboard
         # compiled train steps of this process, by step signature: a request whose step is the
         # same program as an earlier one's (same config, same argument shapes and shardings)
         # reuses it instead of tracing and lowering again (~20 s per request for the toy DFR step)
@@ -686,6 +688,10 @@ class ContinualRun:
         validate_requests(pending, str(requests_path), removed=applied)  # duplicates across requests
         if self.evaluator is not None and hasattr(self.evaluator, "check_targets"):
             self.evaluator.check_targets(pending, str(requests_path))  # before any training
+        if self.cfg.tensorboard and pending and is_primary():  # before the store: no tensorboardX, no run dir
+            from jaxforget.tensorboard_log import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(self.run_dir)
         if self.store is None:
             self.store = self._create_store()
         if not pending:
@@ -695,10 +701,15 @@ class ContinualRun:
         self.log(f"{len(pending)} request(s) to apply ({done} already in the ledger); method {self.cfg.method}, "
                  f"mesh {dict(self.mesh.shape)}, run dir {self.run_dir}")
         summaries = []
-        for offset, req in enumerate(pending):
-            summaries.append(self.apply(req, done + offset, list(applied)))
-            applied.append(req.target)
-            self.log(summaries[-1].line())
+        try:
+            for offset, req in enumerate(pending):
+                summaries.append(self.apply(req, done + offset, list(applied)))
+                applied.append(req.target)
+                self.log(summaries[-1].line())
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
         return summaries
 
     # ------------------------------------------------------------------ one request
@@ -780,6 +791,8 @@ class ContinualRun:
                 if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
                     last = {k: float(v) for k, v in metrics.items()}
                     bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "grad_norm")})
+                    if self.tensorboard is not None:
+                        self.tensorboard.train(index * cfg.steps + step + 1, last)
                 ckpt.maybe_save(step + 1, {"params": flat_leaves(params), "opt_state": flat_leaves(opt_state)},
                                 force=step + 1 == cfg.steps)
         ckpt.close()
@@ -808,6 +821,8 @@ class ContinualRun:
         snap = self.store.save_snapshot(tree, meta)
         if self.evaluator is not None and cfg.eval.every and (len(removed) + 1) % cfg.eval.every == 0:
             metrics_eval = self._evaluate(snap, student, removed + [req.target], req)
+            if self.tensorboard is not None and metrics_eval:
+                self.tensorboard.request(len(self.store.chain()), metrics_eval, metrics_eval.get("grid"))
         return RequestSummary(index, req.target, anchor, snap, time.time() - t0, t_data, last, metrics_eval)
 
     # ------------------------------------------------------------------ pieces

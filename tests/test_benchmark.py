@@ -20,12 +20,13 @@ from PIL import Image
 
 from jaxforget.eval import benchmark as B
 from jaxforget.eval.attack import AttackConfig
+from test_tensorboard_log import read_events
 
 # few steps, few images: the mechanics, not the quality (equal set sizes: one dataset per request)
 FAST = ["steps=2", "batch_size=8", "checkpoint_every=2", "data.forget_images=8", "data.retain_images=8",
         "data.prior_images=8", "data.num_inference_steps=2", "data.gen_batch_size=8", "eval.images_per_prompt=1",
         "eval.prompts_per_concept=1", "eval.num_inference_steps=2", "eval.fid_reference_images=16",
-        "eval.batch_size=32"]
+        "eval.batch_size=32", "tensorboard=true"]
 ATTACK = AttackConfig(enabled=True, steps=2, images=2, eval_images=2, batch_size=2)
 ATTACK_ARGS = ["attack.steps=2", "attack.images=2", "attack.eval_images=2", "attack.batch_size=2"]
 METHODS = ["dfr", "finetune"]
@@ -71,6 +72,23 @@ def bench(tmp_path_factory):
     logs: list[str] = []
     table = B.run_benchmark(METHODS, req, root / "out", FAST, attack=ATTACK, log=logs.append)
     return root / "out", req, table, logs
+
+
+@pytest.mark.slow
+def test_runs_write_tensorboard_logs(bench):
+    out, _, _, _ = bench
+    events = read_events(out / "dfr" / "tensorboard")
+    # train scalars at the last step of each request (steps=2): global steps 2 and 4
+    assert sorted(s for tag, s, _ in events if tag == "train/loss") == [2, 4]
+    assert {"train/grad_norm", "train/unlearn", "train/preserve"} <= {tag for tag, _, _ in events}
+    with open(out / "dfr" / "report" / "metrics.csv") as fh:
+        report = {int(r["k"]): r for r in csv.DictReader(fh)}
+    for k in (1, 2):  # every evaluated request: its metrics as in the report, and its grid
+        for name in ("UA", "IRA", "fid_proxy"):
+            logged = [v for tag, s, v in events if tag == f"eval/{name}" and s == k]
+            assert logged == [pytest.approx(float(report[k][name]), rel=1e-6)], (name, k)
+        grid = Image.open(out / "dfr" / "report" / f"grid_k{k:02d}.png").size
+        assert [v for tag, s, v in events if tag == "eval/grid" and s == k] == [grid]
 
 
 @pytest.mark.slow

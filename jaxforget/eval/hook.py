@@ -169,7 +169,7 @@ class RunEvaluator:
 
     def base_row(self, run: Any, report_dir: Path) -> dict[str, Any]:
         base = self.base_result(run)
-        R.concept_grid(base.images, [], report_dir / "grid_k00.png", title="k=0 (base model)")
+        R.concept_grid(base.images, [], grid_path(report_dir, 0), title="k=0 (base model)")
         return base.row(k=0, snapshot=0, target="", domain="", method=self.method,
                         **self.relative(base, base, []))
 
@@ -183,7 +183,7 @@ class RunEvaluator:
         target = removed[-1] if removed else ""
         row = res.row(k=k, snapshot=snapshot, target=target, domain=self._domain(target), method=self.method,
                       **self.relative(self.base_result(run), res, removed))
-        R.concept_grid(res.images, list(removed), report_dir / f"grid_k{k:02d}.png",
+        R.concept_grid(res.images, list(removed), grid_path(report_dir, k),
                        title=f"k={k}: after removing {target!r}")
         attack = attack or self.attack
         if attack is not None and removed:
@@ -207,7 +207,13 @@ class RunEvaluator:
         rows = [r for r in rows if r.get("k") != k] + [row]
         rows.sort(key=lambda r: r["k"])
         write_report(report_dir, rows)
-        return {m: v for m, v in row.items() if m not in ("k", "snapshot", "target", "domain", "method")}
+        out = {m: v for m, v in row.items() if m not in ("k", "snapshot", "target", "domain", "method")}
+        return out | {"grid": str(grid_path(report_dir, k))}  # for the run's TensorBoard log
+
+
+def grid_path(report_dir: Path, k: int) -> Path:
+    """The image grid of the model after request k (k = 0: the base model)."""
+    return report_dir / f"grid_k{k:02d}.png"
 
 
 def load_rows(report_dir: Path) -> list[dict]:
