@@ -20,6 +20,7 @@ from PIL import Image
 
 from jaxforget.eval import benchmark as B
 from jaxforget.eval.attack import AttackConfig
+from jaxforget.eval.hook import grid_path
 from test_tensorboard_log import read_events
 
 # few steps, few images: the mechanics, not the quality (equal set sizes: one dataset per request)
@@ -87,7 +88,7 @@ def test_runs_write_tensorboard_logs(bench):
         for name in ("UA", "IRA", "fid_proxy"):
             logged = [v for tag, s, v in events if tag == f"eval/{name}" and s == k]
             assert logged == [pytest.approx(float(report[k][name]), rel=1e-6)], (name, k)
-        grid = Image.open(out / "dfr" / "report" / f"grid_k{k:02d}.png").size
+        grid = Image.open(grid_path(out / "dfr" / "report", k)).size
         assert [v for tag, s, v in events if tag == "eval/grid" and s == k] == [grid]
 
 
