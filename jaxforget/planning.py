@@ -96,6 +96,28 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("H100", 989e12, 80 * GiB, 900e9),  # SXM5, NVLink 900 GB/s
 )
 
+# a device's name as jax (``Device.device_kind``) or torch (``torch.cuda.get_device_name``) gives
+# it -> its dense bf16 peak, for measured MFU; more specific names first
+DEVICE_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),  # PCIe card: lower clocks and fewer SMs than the SXM5 part
+    ("H100", ACCELERATORS[2].peak_flops),
+    ("H200", ACCELERATORS[2].peak_flops),  # the H100 SXM5 compute with more HBM
+    ("A100", 312e12),
+    ("TPU v5 lite", ACCELERATORS[0].peak_flops),  # jax's device_kind of a v5e chip
+    ("TPU v5p", ACCELERATORS[1].peak_flops),
+    ("TPU v5", ACCELERATORS[1].peak_flops),
+)
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+    """The published dense bf16 FLOP/s of a device named ``device_kind`` (None: not a listed
+    accelerator, e.g. a CPU)."""
+    kind = device_kind.lower()
+    for name, peak in DEVICE_PEAK_FLOPS:
+        if name.lower() in kind:
+            return peak
+    return None
+
 
 # ============================================================================ compile targets
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ import resource
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -64,7 +64,7 @@ import numpy as np
 # worker subprocess loads one framework only (its peak memory is its own).
 
 METHODS = ("dfr", "duge")
-MODELS = ("toyworld", "small-sd")
+MODELS = ("toyworld", "small-sd", "sd15")
 # the batch keys each method's loss reads (jaxforget/methods/{dfr,duge}.py)
 BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "dfr": ("forget_ctx", "forget_z0", "mapped_ctx", "retain_ctx", "retain_z0"),
@@ -78,6 +78,7 @@ NOISE_TERMS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
     "duge": (("mapped_z0", "t_max"), ("prior_z0", "")),
 }
 TRAINABLE = {"dfr": "all", "duge": "attn2"}
+DTYPES = ("float32", "bfloat16")
 # the benchmark's deletion request (toy-world words, so the shipped tokenizer knows them)
 TARGET, ANCHOR, RELATED = "circle", "square", ("ellipse", "ring")
 TEMPLATES = ("a {}", "a picture of a {}", "a {} on plain background", "a red {} on checker background",
@@ -112,6 +113,20 @@ def scaled_unet_config(config: Mapping[str, Any], factor: float) -> dict[str, An
     return out
 
 
+def sd15_unet_config(resolution: int = 512) -> dict[str, Any]:
+    """SD 1.5's UNet config as shipped (``configs/models/sd15``), for ``resolution``² images
+    (latent side resolution / 8; SD 1.5 is 512)."""
+    from jaxforget.planning import load_unet_config
+
+    return {**load_unet_config("sd15"), "sample_size": latent_side(resolution)}
+
+
+def latent_side(resolution: int) -> int:
+    if resolution < 8 or resolution % 8:
+        raise ValueError(f"resolution {resolution}: must be a positive multiple of 8 (the VAE's factor)")
+    return resolution // 8
+
+
 def toyworld_dir() -> Path:
     from jaxforget.engine import default_model_dir
 
@@ -137,6 +152,11 @@ def build_random_folder(out: Path, unet_config: Mapping[str, Any], *, seed: int 
         return out
     base = load_model_folder(base_dir or toyworld_dir())
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(unet_config)), rngs=nnx.Rngs(seed))
+    context_width = set(np.atleast_1d(unet.config.cross_attention_dim).tolist())  # one int or one per block
+    if context_width != {base.text_encoder.config.hidden_size}:
+        if len(context_width) != 1:
+            raise ValueError(f"cross_attention_dim {unet.config.cross_attention_dim}: one context width expected")
+        base = replace(base, text_encoder=context_text_encoder(base.text_encoder, context_width.pop(), seed))
     graphdef, state = nnx.split(unet)
     leaves, tree = jax.tree.flatten(state)
     rs = np.random.default_rng(seed)
@@ -145,19 +165,43 @@ def build_random_folder(out: Path, unet_config: Mapping[str, Any], *, seed: int 
     return export_model_folder(base, out, unet=unet)
 
 
-def resolve_model(model: str, work_dir: Path, *, width: float = 1.0, model_dir: str | None = None) -> Path:
+def context_text_encoder(base: Any, width: int, seed: int = 0) -> Any:
+    """A random one-layer CLIP text encoder on ``base``'s vocabulary and token ids whose contexts
+    are ``width`` wide (SD 1.5: 768), for a UNet whose cross-attention expects that width. One
+    layer: the text encoder runs outside the timed step, it only has to give contexts of the
+    right shape."""
+    from flax import nnx
+
+    from jaxforget.models.clip import CLIPTextModel
+
+    heads = next(h for h in (12, 8, 4, 2, 1) if width % h == 0)
+    cfg = replace(base.config, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1,
+                  num_attention_heads=heads, projection_dim=width)
+    return CLIPTextModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def resolve_model(model: str, work_dir: Path, *, width: float = 1.0, model_dir: str | None = None,
+                  resolution: int | None = None) -> Path:
     """The diffusers folder of a benchmark model: ``toyworld`` (the shipped model; width ≠ 1:
     the toy-world architecture at scaled width, random weights), ``small-sd`` (SD 1.x
-    architecture, width 32·``width``, random weights), or an explicit ``model_dir``."""
+    architecture, width 32·``width``, random weights), ``sd15`` (SD 1.5's UNet config at
+    ``width`` × its channels, random weights, a 768-wide text encoder), or an explicit
+    ``model_dir``. ``resolution`` (pixels; small-sd and sd15 only): the latent side is
+    resolution / 8 (defaults: small-sd 128, sd15 512)."""
     if model_dir:
         return Path(model_dir)
+    if model == "toyworld" and resolution is not None:
+        raise ValueError("--resolution: the toy-world model has a fixed size (use small-sd or sd15)")
     if model == "toyworld":
         if width == 1.0:
             return toyworld_dir()
         cfg = json.loads((toyworld_dir() / "unet" / "config.json").read_text())
         cfg = scaled_unet_config(cfg, width)
     elif model == "small-sd":
-        cfg = small_sd_unet_config(int(round(32 * width)))
+        cfg = small_sd_unet_config(int(round(32 * width)), sample_size=latent_side(resolution or 128))
+    elif model == "sd15":
+        cfg = sd15_unet_config(resolution or 512)
+        cfg = cfg if width == 1.0 else scaled_unet_config(cfg, width)
     else:
         raise ValueError(f"unknown model {model!r} (one of {', '.join(MODELS)})")
     tag = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
@@ -289,10 +333,13 @@ def run_jax_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     method_name = spec["method"]
     t0 = time.perf_counter()
-    model = PL.DiffusionModel.from_folder(load_model_folder(spec["model_dir"]))
+    # bf16: the UNet computes in bf16, params / optimizer state / losses stay fp32 (the engine's
+    # compute_dtype: bfloat16)
+    compute_dtype = jnp.bfloat16 if spec.get("dtype", "float32") == "bfloat16" else None
+    model = PL.DiffusionModel.from_folder(load_model_folder(spec["model_dir"], compute_dtype=compute_dtype))
     res: dict[str, Any] = {"framework": "jax", "method": method_name, "load_s": time.perf_counter() - t0,
                            "jax_version": jax.__version__, "backend": jax.default_backend(),
-                           "threads": len(os.sched_getaffinity(0))}
+                           "device_kind": jax.devices()[0].device_kind, "threads": len(os.sched_getaffinity(0))}
     seed = int(spec.get("seed", 0))
     res["rss_after_load_mb"] = _rss_mb()  # high-water marks after each phase: which one set the peak
 
@@ -425,8 +472,14 @@ def run_worker(framework: str, spec: Mapping[str, Any], work: Path, timeout: flo
 def prepare_cell(method: str, model: str, model_dir: Path, work: Path, *, batch: int, steps: int, warmup: int,
                  replay_images: int, sampler_steps: int, guidance: float, device: str, seed: int = 0,
                  gen: bool = True, bare: bool = False, gen_batch_size: int = 64, threads: int | None = None,
-                 prompts: Mapping[str, list[str]] | None = None) -> Cell:
-    """Write the shared batch + draws (.npz) and the worker spec of one cell."""
+                 prompts: Mapping[str, list[str]] | None = None, dtype: str = "float32",
+                 peak_flops: float | None = None) -> Cell:
+    """Write the shared batch + draws (.npz) and the worker spec of one cell. ``dtype``: the
+    UNet's compute dtype in both frameworks (bfloat16: jax compute_dtype, torch autocast; fp32
+    params and losses). ``peak_flops``: the FLOP/s MFU is measured against (default: the
+    device's published dense bf16 peak, ``planning.device_peak_flops``)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     prompts = dict(prompts or bench_prompts())
     arrays = make_batch(model_dir, batch, prompts, seed)
     keys = BATCH_KEYS[method]
@@ -437,8 +490,26 @@ def prepare_cell(method: str, model: str, model_dir: Path, work: Path, *, batch:
     spec = {"method": method, "model_dir": str(model_dir), "batch_npz": str(npz), "batch_keys": list(keys),
             "steps": steps, "warmup": warmup, "replay_images": replay_images, "sampler_steps": sampler_steps,
             "guidance": guidance, "gen_batch_size": gen_batch_size, "device": device, "seed": seed,
-            "prompts": prompts, "gen": gen, "train": True, "bare": bare, "threads": int(threads or os.cpu_count() or 1)}
+            "prompts": prompts, "gen": gen, "train": True, "bare": bare, "threads": int(threads or os.cpu_count() or 1),
+            "dtype": dtype, "peak_flops": peak_flops,
+            "model_flops_per_step": model_flops_per_step(method, model_dir, batch, arrays[keys[0]].shape[1])}
     return Cell(method, model, str(model_dir), batch, spec)
+
+
+def model_flops_per_step(method: str, model_dir: Path, batch: int, seq_len: int) -> float | None:
+    """Model FLOPs of one training step (the MFU numerator, same for both frameworks): the
+    planner's analytic UNet forward count (``planning.unet_forward_flops``, matmuls and convs)
+    times its forwards-per-step (``planning.step_forward_multiplier``: DFR's two student passes
+    at 3× a forward, forward + backward, and two teacher forwards; no remat). None for methods
+    the planner does not count (DUGE)."""
+    from jaxforget import planning as PN
+
+    if method not in PN.METHODS:
+        return None
+    cfg = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+    side = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
+    fwd = PN.unet_forward_flops(cfg, batch, side, side, seq_len=seq_len)["total"]
+    return PN.step_forward_multiplier(method, "none") * fwd
 
 
 def run_cell(cell: Cell, work: Path, timeout: float | None = None, log=print) -> Cell:
@@ -481,9 +552,29 @@ def summarize(cell: Cell, request_steps: int) -> dict[str, Any]:
             out[f"{fw}_request_cold_s"] = r["gen_cold_s"] + r["first_step_s"] + (n - 1) * r["step_median_s"]
         out["request_ratio_warm"] = out["jax_request_warm_s"] / out["torch_request_warm_s"]
         out["request_ratio_cold"] = out["jax_request_cold_s"] / out["torch_request_cold_s"]
+    out.update(mfu_figures(cell))
     if "bare_fwd_s" in j and "bare_fwd_s" in t:
         out["bare_fwd_ratio"] = j["bare_fwd_s"] / t["bare_fwd_s"]
         out["bare_fwd_bwd_ratio"] = j["bare_fwd_bwd_s"] / t["bare_fwd_bwd_s"]
+    return out
+
+
+def mfu_figures(cell: Cell) -> dict[str, Any]:
+    """Model-FLOPs utilization of each framework's median step: model FLOPs per step / (step
+    seconds × peak FLOP/s). The peak is ``--peak-tflops`` or the framework's device's published
+    dense bf16 peak; none (no MFU) on a device without a listed peak, e.g. a CPU."""
+    flops = cell.spec.get("model_flops_per_step")
+    if not flops:
+        return {}
+    out: dict[str, Any] = {"model_flops_per_step": flops}
+    from jaxforget.planning import device_peak_flops
+
+    for fw, r in (("jax", cell.jax), ("torch", cell.torch)):
+        peak = cell.spec.get("peak_flops") or device_peak_flops(r.get("device_kind", ""))
+        out[f"{fw}_tflops_per_s"] = flops / r["step_median_s"] / 1e12
+        if peak:
+            out[f"{fw}_peak_flops"] = peak
+            out[f"{fw}_mfu"] = flops / (r["step_median_s"] * peak)
     return out
 
 
@@ -504,7 +595,7 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def main_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     head = ["method", "model", "batch", "jax steps/s", "torch steps/s", "step ratio", "jax compile s",
             "jax peak MB", "torch peak MB", "gen jax s", "gen torch s", "req jax s", "req torch s",
-            "req ratio warm", "req ratio cold", "loss0 rel diff"]
+            "req ratio warm", "req ratio cold", "jax MFU", "torch MFU", "loss0 rel diff"]
     rows = []
     for s in summaries:
         mem = "device_peak_mb" if "jax_device_peak_mb" in s else "peak_rss_mb"
@@ -512,7 +603,8 @@ def main_table(summaries: Sequence[Mapping[str, Any]]) -> str:
                      s["step_ratio"], s["jax_compile_s"], s[f"jax_{mem}"], s[f"torch_{mem}"],
                      s.get("jax_gen_warm_s", "-"), s.get("torch_gen_warm_s", "-"),
                      s.get("jax_request_warm_s", "-"), s.get("torch_request_warm_s", "-"),
-                     s.get("request_ratio_warm", "-"), s.get("request_ratio_cold", "-"), s["loss0_rel_diff"]])
+                     s.get("request_ratio_warm", "-"), s.get("request_ratio_cold", "-"), s.get("jax_mfu", "-"),
+                     s.get("torch_mfu", "-"), s["loss0_rel_diff"]])
     return format_table(head, rows)
 
 
@@ -551,6 +643,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, default=1.0, help="sampler guidance (DFR's reference: 1.0)")
     ap.add_argument("--request-steps", type=int, default=200, help="N of the whole-request figure (engine default)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32",
+                    help="UNet compute dtype in both (bfloat16: jax compute_dtype / torch autocast; fp32 params)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="image side in pixels for small-sd / sd15 (latent = resolution / 8; default 128 / 512)")
+    ap.add_argument("--width", type=float, default=1.0, help="width multiplier of the model's channels (main table)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak TFLOP/s for MFU (default: the device's published dense bf16 peak; none on CPU)")
+    ap.add_argument("--no-gen", action="store_true", help="skip the teacher data build (step figures only)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="CPU threads per framework (default: all; fewer pins each worker to that many cores)")
     ap.add_argument("--seed", type=int, default=0)
@@ -568,7 +668,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.resolution is not None:
+        if args.model == "toyworld" or args.model_dir:
+            ap.error("--resolution: only for the generated models (small-sd, sd15); this model has a fixed size")
+        try:
+            latent_side(args.resolution)
+        except ValueError as err:
+            ap.error(f"--resolution: {err}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        ap.error(f"--peak-tflops: must be > 0, got {args.peak_tflops}")
+    if args.width <= 0:
+        ap.error(f"--width: must be > 0, got {args.width}")
+    return args
 
 
 def pin_threads(n: int) -> None:
@@ -596,6 +708,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker_main(args)
         return {}
+    # this process only builds folders and batches: keep its jax (if it starts one here) off the
+    # accelerator, whose memory belongs to the workers (each sets its own JAX_PLATFORMS)
+    os.environ["JAX_PLATFORMS"] = "cpu"
     methods = list(METHODS) if args.method == "all" else [args.method]
     work_root = Path(args.work_dir)
     work_root.mkdir(parents=True, exist_ok=True)
@@ -604,18 +719,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_name = "custom" if args.model_dir else args.model
     with tempfile.TemporaryDirectory(prefix="bench-", dir=work_root) as tmp:
         work = Path(tmp)
-        model_dir = resolve_model(args.model, work_root, model_dir=args.model_dir)
+        model_dir = resolve_model(args.model, work_root, width=args.width, model_dir=args.model_dir,
+                                  resolution=args.resolution)
         prompts = bench_prompts()
         common = dict(replay_images=args.replay_images, sampler_steps=args.sampler_steps, guidance=args.guidance,
-                      device=args.device, seed=args.seed, prompts=prompts, threads=args.threads)
+                      device=args.device, seed=args.seed, prompts=prompts, threads=args.threads, dtype=args.dtype,
+                      peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
         if not args.scaling_only:
             print(f"model {model_name} ({model_dir}, {_unet_param_count(model_dir):,} UNet params), "
                   f"batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, "
                   f"{args.replay_images} replay images x {args.sampler_steps} DDIM steps, device {args.device}, "
-                  f"{args.threads} CPU threads per framework (of {os.cpu_count()})", flush=True)
+                  f"{args.threads} CPU threads per framework (of {os.cpu_count()}), compute {args.dtype}", flush=True)
             for m in methods:
                 cell = prepare_cell(m, model_name, model_dir, work, batch=args.batch, steps=args.steps,
-                                    warmup=args.warmup, bare=args.bare, **common)
+                                    warmup=args.warmup, bare=args.bare, gen=not args.no_gen, **common)
                 run_cell(cell, work, args.timeout)
                 s = summarize(cell, args.request_steps)
                 report["results"].append({"summary": s, "jax": cell.jax, "torch": cell.torch})
@@ -625,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.scaling:
             for wf in [float(w) for w in args.scaling_widths.split(",")]:
                 # widths scale --model's architecture (an explicit --model-dir is used at width 1 only)
-                mdir = resolve_model(args.model, work_root, width=wf, model_dir=args.model_dir if wf == 1.0 else None)
+                mdir = resolve_model(args.model, work_root, width=wf, model_dir=args.model_dir if wf == 1.0 else None,
+                                     resolution=args.resolution)
                 name = model_name if wf == 1.0 else args.model
                 n_params = _unet_param_count(mdir)
                 for b in [int(x) for x in args.scaling_batches.split(",")]:
@@ -645,20 +763,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _notes(sums: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> str:
     lines = ["",
-             "ratios are jaxforget / PyTorch (< 1: jaxforget faster); targets: step <= 0.67, whole request <= 0.5",
+             "ratios are jaxforget / PyTorch (< 1: jaxforget faster); targets: step <= 0.67, whole request <= 0.5 (CPU); "
+             "DFR MFU >= 40 % (GPU: SD 1.5 at 512², bf16)",
              f"req = teacher data build + {args.request_steps} steps; warm = compiled programs reused, "
              "cold = fresh process (jax compile included)"]
     for s in sums:
+        gen = (f" + {s['jax_gen_compile_s']:.1f}s (sampler); gen ratio {s['gen_ratio']:.2f}" if "gen_ratio" in s
+               else " (no data build: --no-gen)")
         lines.append(
             f"{s['method']}: step {1000 * s['jax_step_median_s']:.1f} ms (jax) vs {1000 * s['torch_step_median_s']:.1f} ms "
-            f"(torch); jax compile {s['jax_compile_s']:.1f}s (step) + {s.get('jax_gen_compile_s', float('nan')):.1f}s "
-            f"(sampler); gen ratio {s.get('gen_ratio', float('nan')):.2f}; trainable {s['jax_n_trainable']:,} / "
+            f"(torch); jax compile {s['jax_compile_s']:.1f}s (step){gen}; trainable {s['jax_n_trainable']:,} / "
             f"{s['torch_n_trainable']:,}; loss@0 {s['loss0_jax']:.6g} / {s['loss0_torch']:.6g} "
             f"(max rel diff over all steps {s['loss_max_rel_diff']:.1e})")
-        rss = {fw: "/".join(f"{s[f'{fw}_{k}']:.0f}" for k in ("rss_after_load_mb", "rss_after_gen_mb",
-                                                                "rss_after_step0_mb", "peak_rss_mb") if f"{fw}_{k}" in s)
-               for fw in ("jax", "torch")}
-        lines.append(f"   peak RSS MB after load/gen/step 0/end: jax {rss['jax']}, torch {rss['torch']}")
+        phases = [(name, k) for name, k in (("load", "rss_after_load_mb"), ("gen", "rss_after_gen_mb"),
+                                            ("step 0", "rss_after_step0_mb"), ("end", "peak_rss_mb"))
+                  if f"jax_{k}" in s and f"torch_{k}" in s]
+        rss = {fw: "/".join(f"{s[f'{fw}_{k}']:.0f}" for _, k in phases) for fw in ("jax", "torch")}
+        lines.append(f"   peak RSS MB after {'/'.join(n for n, _ in phases)}: jax {rss['jax']}, torch {rss['torch']}")
+        if "model_flops_per_step" in s:
+            mfu = {fw: (f"{100 * s[f'{fw}_mfu']:.1f} % of {s[f'{fw}_peak_flops'] / 1e12:.4g} TFLOP/s"
+                        if f"{fw}_mfu" in s else "no peak for this device") for fw in ("jax", "torch")}
+            lines.append(f"   model FLOPs/step {s['model_flops_per_step'] / 1e12:.4g} T (analytic, planning.py): "
+                         f"jax {s['jax_tflops_per_s']:.3g} TFLOP/s, MFU {mfu['jax']}; "
+                         f"torch {s['torch_tflops_per_s']:.3g} TFLOP/s, MFU {mfu['torch']}")
         if "bare_fwd_ratio" in s:
             lines.append(
                 f"   bare UNet: fwd {1000 * s['jax_bare_fwd_s']:.1f} / {1000 * s['torch_bare_fwd_s']:.1f} ms "

@@ -21,12 +21,14 @@ NHWC (jaxforget's layout) and is transposed once on load.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
 import resource
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -275,7 +277,7 @@ class Trainer:
     """Student = the loaded UNet (trained in place), prev = a frozen deep copy (θ_{k-1})."""
 
     def __init__(self, method: str, unet: UNet2DConditionModel, scheduler: DDIMScheduler,
-                 optim: OptimConfig = OptimConfig()):
+                 optim: OptimConfig = OptimConfig(), compute: Callable[[], Any] = contextlib.nullcontext):
         if scheduler.config.prediction_type != "epsilon":  # DUGE's prior target below is ε
             raise ValueError(f"the reference supports epsilon prediction only, not {scheduler.config.prediction_type}")
         prev = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -287,6 +289,7 @@ class Trainer:
             if p.requires_grad:
                 self.params.append(p)
         self.optim = optim
+        self.compute = compute  # the context the loss's forwards run in (autocast for bf16)
         self.opt = torch.optim.AdamW(self.params, lr=optim.lr, betas=(optim.b1, optim.b2), eps=1e-8,
                                      weight_decay=optim.weight_decay)
 
@@ -296,7 +299,8 @@ class Trainer:
 
     def step(self, batch: Mapping[str, torch.Tensor], draws: Draws) -> dict[str, float]:
         self.opt.zero_grad(set_to_none=True)
-        loss, metrics = self.obj.loss(batch, draws)
+        with self.compute():
+            loss, metrics = self.obj.loss(batch, draws)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip)
         self.opt.step()
@@ -402,7 +406,12 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     m = load_models(spec["model_dir"], str(device))
     load_s = time.perf_counter() - t0
     res: dict[str, Any] = {"framework": "torch", "method": spec["method"], "load_s": load_s,
-                           "torch_version": torch.__version__, "threads": torch.get_num_threads()}
+                           "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+                           "device_kind": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    # bf16: the UNet's forwards under autocast (fp32 params, AdamW state and losses), as jaxforget's
+    # compute_dtype: bfloat16
+    compute = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
+                      enabled=spec.get("dtype", "float32") == "bfloat16")
     res["rss_after_load_mb"] = _memory(torch.device("cpu"))["peak_rss_mb"]
 
     if spec.get("gen", True):  # first, while the loaded UNet is still θ_{k-1} (the teacher)
@@ -412,9 +421,10 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
             for _ in range(2):  # cold (first-use allocations), warm
                 _sync(device)
                 t1 = time.perf_counter()
-                data = request_data(m, unet, spec["method"], spec["prompts"], int(spec["replay_images"]),
-                                    steps=int(spec["sampler_steps"]), guidance=float(spec["guidance"]),
-                                    seed=int(spec.get("seed", 0)), batch_size=int(spec["gen_batch_size"]))
+                with compute():
+                    data = request_data(m, unet, spec["method"], spec["prompts"], int(spec["replay_images"]),
+                                        steps=int(spec["sampler_steps"]), guidance=float(spec["guidance"]),
+                                        seed=int(spec.get("seed", 0)), batch_size=int(spec["gen_batch_size"]))
                 _sync(device)
                 gen_times.append(time.perf_counter() - t1)
         z = torch.cat([v.flatten() for k, v in data.items() if k.endswith("_z0")])
@@ -427,7 +437,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
         batch = to_torch_batch({k: shared[k] for k in spec["batch_keys"]}, device)
         draws = {k: shared[k] for k in shared.files if k.startswith(("t_", "eps_"))}
         n_steps = int(spec["warmup"]) + int(spec["steps"])
-        trainer = Trainer(spec["method"], m.unet, m.scheduler)
+        trainer = Trainer(spec["method"], m.unet, m.scheduler, compute=compute)
         res["n_trainable"] = trainer.n_trainable
         times, metrics = [], []
         for step in range(n_steps):
@@ -446,7 +456,9 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
         if spec.get("bare", False):  # profile: the bare UNet (the trained student; values do not matter)
             del trainer
             m.unet.set_attn_processor(AttnProcessor2_0())  # diffusers' default (SDPA) everywhere
-            res.update(bare_unet_times(m.unet, {k: shared[k] for k in spec["batch_keys"]}, int(spec["steps"]), device))
+            with compute():
+                res.update(bare_unet_times(m.unet, {k: shared[k] for k in spec["batch_keys"]}, int(spec["steps"]),
+                                           device))
     return {**_memory(device), **res}
 
 

@@ -11,6 +11,7 @@ JSON file with every figure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -111,6 +112,75 @@ def test_command_line_writes_table_and_json(tiny, tmp_path, capsys):
     assert s["loss0_rel_diff"] <= STEP0_RTOL
     assert res["jax"]["framework"] == "jax" and res["torch"]["framework"] == "torch"
     assert res["jax"]["threads"] == 1 and res["torch"]["threads"] == 1  # pinned workers
+
+
+BF16_LOSS0_RTOL = 3e-2  # bf16 UNet compute in both (different kernels and rounding); measured 0.9 %
+
+
+def test_bf16_step_and_mfu_figures(tiny):
+    """--dtype bfloat16: both frameworks run the UNet in bf16 with fp32 params and losses, and
+    agree at step 0 within bf16 precision; MFU = analytic model FLOPs / (median step × peak)."""
+    root, folder = tiny
+    cells = {}
+    for dtype in ("float32", "bfloat16"):
+        cell = bench.prepare_cell("dfr", "tiny", folder, root, batch=2, steps=1, warmup=1, replay_images=2,
+                                  sampler_steps=2, guidance=1.0, device="cpu", threads=1, gen=False,
+                                  dtype=dtype, peak_flops=1e9 if dtype == "bfloat16" else None)
+        cell.jax = bench.run_jax_worker(cell.spec)
+        cell.torch = bench_reference.run_worker(cell.spec)
+        cells[dtype] = cell
+    cell = cells["bfloat16"]
+    s = bench.summarize(cell, request_steps=10)
+    assert s["loss0_rel_diff"] <= BF16_LOSS0_RTOL
+    # each framework really computed in bf16: its loss moved off its fp32 one (by ~5 %: at step 0
+    # the loss is the MSE between two bf16 predictions, so their rounding does not cancel), more
+    # than the two frameworks differ from each other in bf16
+    for fw in ("jax", "torch"):
+        lo16, lo32 = getattr(cell, fw)["losses"][0], getattr(cells["float32"], fw)["losses"][0]
+        assert s["loss0_rel_diff"] < abs(lo16 - lo32) / lo32 <= 0.1, (fw, lo16, lo32)
+    s32 = bench.summarize(cells["float32"], request_steps=10)
+    assert "jax_mfu" not in s32 and "jax_tflops_per_s" in s32  # a CPU has no listed peak
+    assert "gen_ratio" not in s  # gen=False: step figures only
+    # DFR: two student passes (forward + backward = 3 forwards) and two teacher forwards at batch 2
+    from jaxforget.planning import unet_forward_flops
+
+    flops = 8 * unet_forward_flops(TINY, 2, 8, 8, seq_len=77)["total"]
+    assert s["model_flops_per_step"] == pytest.approx(flops)
+    for fw, r in (("jax", cell.jax), ("torch", cell.torch)):
+        assert r["device_kind"]
+        assert s[f"{fw}_mfu"] == pytest.approx(flops / (r["step_median_s"] * 1e9))
+    row = bench.main_table([s]).splitlines()
+    assert "jax MFU" in row[0] and f"{s['jax_mfu']:.3g}" in row[2]
+    notes = bench._notes([s], argparse.Namespace(request_steps=10))
+    assert "(no data build: --no-gen)" in notes and "peak RSS MB after load/step 0/end" in notes
+    assert f"MFU {100 * s['jax_mfu']:.1f} % of 0.001 TFLOP/s" in notes
+
+
+def test_sd15_folder_is_sd15_with_768_wide_contexts(tmp_path):
+    """--model sd15: SD 1.5's shipped UNet config (here at 0.1 width, 64² pixels), random weights,
+    and a text encoder whose contexts are 768 wide, loadable by diffusers / transformers."""
+    folder = bench.resolve_model("sd15", tmp_path, width=0.1, resolution=64)
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    shipped = json.loads((ROOT / "configs" / "models" / "sd15" / "unet" / "config.json").read_text())
+    assert unet_cfg["block_out_channels"] == [32, 64, 128, 128] and unet_cfg["sample_size"] == 8
+    for k in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim", "norm_num_groups"):
+        assert unet_cfg[k] == shipped[k], k
+    assert unet_cfg["cross_attention_dim"] in (768, [768] * 4)
+    m = bench_reference.load_models(folder)
+    assert m.text_encoder.config.hidden_size == 768 and m.unet.config.cross_attention_dim == 768
+    arrays = bench.make_batch(folder, 2, bench.bench_prompts())
+    assert arrays["forget_ctx"].shape == (2, 77, 768)
+    # the same contexts through transformers (the torch worker's text encoder)
+    ctx = bench_reference.encode_texts(m, bench._cycle(bench.bench_prompts()["forget"], 2)).numpy()
+    np.testing.assert_allclose(arrays["forget_ctx"], ctx, atol=1e-4)
+
+
+def test_resolution_needs_a_generated_model(capsys):
+    for argv in (["--model", "toyworld", "--resolution", "256"], ["--model", "sd15", "--resolution", "100"]):
+        with pytest.raises(SystemExit) as err:
+            bench.parse_args(argv)
+        assert err.value.code == 2
+    assert "--resolution" in capsys.readouterr().err
 
 
 def test_width_scaling_config():

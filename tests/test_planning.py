@@ -426,3 +426,13 @@ def test_step_over_a_v5e_hbm_is_a_does_not_fit_verdict(tmp_path, capsys):
     spec = PL.PlanSpec(model=str(path), batch=8, seq_len=7, dtype="bf16", resolution=1024)
     (row,) = PL.run_sweep([spec], tmp_path / "sweep", PL.target_devices("v5e-1"))
     assert row["error"].startswith("does not fit") and row["fits_tpu_v5e"] is False and "libtpu" in row["backend"]
+
+
+def test_device_peak_flops_by_device_name():
+    # names as jax's Device.device_kind / torch.cuda.get_device_name give them; PCIe before SXM
+    assert PL.device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert PL.device_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert PL.device_peak_flops("NVIDIA H200") == 989e12
+    assert PL.device_peak_flops("TPU v5 lite") == 197e12
+    assert PL.device_peak_flops("TPU v5") == 459e12
+    assert PL.device_peak_flops("cpu") is None

@@ -422,3 +422,39 @@ def test_bad_precision_or_remat_config(tmp_path, capsys, override):
         from jaxforget.engine import RunConfig
 
         RunConfig(**{override.split("=")[0]: override.split("=")[1]})
+
+
+def test_fused_sdpa_path_matches_the_xla_attention(monkeypatch):
+    """Probe-free, mask-free attention goes to jax.nn.dot_product_attention (cuDNN flash
+    attention on GPUs, bf16). Here the same wiring (layout, scale, reshape) runs with its XLA
+    implementation and must give the model's own attention: values and gradients (1e-5 abs);
+    with probes or off-GPU the model's path is taken."""
+    from jaxforget.models import layers as L
+
+    assert not L.fused_sdpa_applies(jnp.bfloat16, 40) or jax.default_backend() == "gpu"
+    assert not L.fused_sdpa_applies(jnp.float32, 40)
+    ks = jax.random.split(jax.random.PRNGKey(7), 3)
+    q = jax.random.normal(ks[0], (2, 64, 32))
+    k = jax.random.normal(ks[1], (2, 9, 32))
+    v = jax.random.normal(ks[2], (2, 9, 32))
+
+    def f(q, k, v):
+        out, probes = L.attention(q, k, v, 4)
+        assert probes is None
+        return jnp.sum(jnp.sin(out)), out
+
+    (l0, o0), g0 = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(L, "fused_sdpa_applies", lambda dtype, head_dim: True)
+    monkeypatch.setattr(L, "SDPA_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    (l1, o1), g1 = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert calls and calls[0]["implementation"] == "xla"
+    assert float(jnp.max(jnp.abs(o1 - o0))) <= 1e-5
+    for a, b in zip(g0, g1):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5
+    # attention maps requested: never the fused call
+    calls.clear()
+    L.attention(q, k, v, 4, probe_tokens=jnp.zeros((2, 1), jnp.int32))
+    assert not calls

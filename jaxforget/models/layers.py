@@ -15,7 +15,7 @@ Conventions (the io tables rely on them):
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -284,6 +284,15 @@ def attention(
     kh = k.reshape(b, lk, num_heads, d)
     vh = v.reshape(b, lk, num_heads, d)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, L, H, D] <-> [B, H, L, D]
+    if probe_tokens is None and mask is None and fused_sdpa_applies(q.dtype, d):
+        # no maps to read: cuDNN's fused (flash) attention, which never writes the [B, H, Lq, Lk]
+        # probabilities; it raises at trace time where this cuDNN / GPU lacks it -> XLA path below
+        try:
+            out = jax.nn.dot_product_attention(qh, kh, vh, scale=1.0 / math.sqrt(d),
+                                               implementation=SDPA_IMPLEMENTATION)
+            return out.reshape(b, lq, inner), None
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
     if isinstance(probe_tokens, TargetMask) and mask is None and _xattn.pick_block_q(lq) is not None:
         out, tp = _xattn.fused_cross_attention(heads_first(qh), heads_first(kh), heads_first(vh),
                                                probe_tokens.weights, scale=1.0 / math.sqrt(d))
@@ -305,6 +314,17 @@ def attention(
         idx = probe_tokens[:, None, None, :]  # [B,1,1,K]
         probes = jnp.take_along_axis(probs, jnp.broadcast_to(idx, (b, num_heads, lq, idx.shape[-1])), axis=-1)
     return out, probes
+
+
+SDPA_IMPLEMENTATION = "cudnn"  # jax.nn.dot_product_attention's; tests run the same wiring with "xla"
+
+
+def fused_sdpa_applies(dtype: Any, head_dim: int) -> bool:
+    """Whether ``attention`` hands a probe-free, mask-free call to ``jax.nn.dot_product_attention``:
+    on GPUs, in half precision, at head sizes cuDNN's fused kernel takes (multiples of 8 up to
+    128). Elsewhere the XLA path below is used (on XLA:CPU it is the faster layout, NOTES.md)."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim % 8 == 0 and head_dim <= 128)
 
 
 def _query_chunk(lq: int, query_chunk: int | None) -> int | None:
