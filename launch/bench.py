@@ -4,6 +4,7 @@
     python3 launch/bench.py --model toyworld --method all
     python3 launch/bench.py --model small-sd --method dfr --batch 8 --steps 20 --json out.json
     python3 launch/bench.py --model toyworld --scaling          # + step time / memory vs batch, width
+    python3 launch/bench.py --model sd15 --device cuda --dtype bfloat16 --method dfr --no-gen   # GPU MFU
 
 What is compared, per method (DFR; DUGE with its cross-attention loss):
 
@@ -22,7 +23,8 @@ What is compared, per method (DFR; DUGE with its cross-attention loss):
   ``engine.encode_texts``; PyTorch: CLIPTextModel + a DDIMScheduler loop. Run twice: cold (jax:
   compiles) and warm.
 
-Fairness: fp32 everywhere; each framework runs in its own subprocess (so ru_maxrss is its own
+Fairness: fp32 everywhere (``--dtype bfloat16``: both run the UNet in bf16 — jaxforget's
+compute_dtype, torch.autocast — with fp32 params, AdamW state and losses); each framework runs in its own subprocess (so ru_maxrss is its own
 peak), with the same CPU threads (default all: torch.set_num_threads(os.cpu_count()), XLA uses
 every core; ``--threads n`` pins each worker to n cores and gives torch n threads); warm-up steps
 for both; per-step times are medians of individually timed steps (each synced: the loss is read
@@ -38,6 +40,11 @@ the frameworks rather than the schedulers.
 Whole request = teacher data build + ``--request-steps`` training steps, composed from the
 measured parts: warm (compiled programs reused, e.g. a later request in the same process:
 gen_warm + N·median) and cold (a fresh process: gen_cold + first step + (N−1)·median).
+
+MFU (DFR) = model FLOPs per step / (median step × peak): the planner's analytic count (8 UNet
+forwards: two student passes at forward + backward, two teacher forwards) against the device's
+published dense bf16 peak (``planning.device_peak_flops``) or ``--peak-tflops``; none on a CPU.
+``--model sd15`` is SD 1.5's UNet (random weights, 768-wide contexts) at ``--resolution`` (512).
 """
 
 import sys as _sys
