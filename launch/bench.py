@@ -129,9 +129,10 @@ def sd15_unet_config(resolution: int = 512) -> dict[str, Any]:
 
 
 def latent_side(resolution: int) -> int:
-    if resolution < 8 or resolution % 8:
-        raise ValueError(f"resolution {resolution}: must be a positive multiple of 8 (the VAE's factor)")
-    return resolution // 8
+    """The latent side of ``resolution``-pixel images (the planner's check: a multiple of 8)."""
+    from jaxforget.planning import check_resolution
+
+    return check_resolution(resolution) // 8
 
 
 def toyworld_dir() -> Path:
@@ -679,10 +680,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resolution is not None:
         if args.model == "toyworld" or args.model_dir:
             ap.error("--resolution: only for the generated models (small-sd, sd15); this model has a fixed size")
+        from jaxforget.errors import ConfigError
+
         try:
             latent_side(args.resolution)
-        except ValueError as err:
-            ap.error(f"--resolution: {err}")
+        except ConfigError as err:
+            ap.error(str(err))
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         ap.error(f"--peak-tflops: must be > 0, got {args.peak_tflops}")
     if args.width <= 0:
