@@ -98,14 +98,15 @@ ACCELERATORS: tuple[Accelerator, ...] = (
 
 # a device's name as jax (``Device.device_kind``) or torch (``torch.cuda.get_device_name``) gives
 # it -> its dense bf16 peak, for measured MFU; more specific names first
+_PEAK = {a.name: a.peak_flops for a in ACCELERATORS}
 DEVICE_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),  # PCIe card: lower clocks and fewer SMs than the SXM5 part
-    ("H100", ACCELERATORS[2].peak_flops),
-    ("H200", ACCELERATORS[2].peak_flops),  # the H100 SXM5 compute with more HBM
+    ("H100", _PEAK["H100"]),
+    ("H200", _PEAK["H100"]),  # the H100 SXM5 compute with more HBM
     ("A100", 312e12),
-    ("TPU v5 lite", ACCELERATORS[0].peak_flops),  # jax's device_kind of a v5e chip
-    ("TPU v5p", ACCELERATORS[1].peak_flops),
-    ("TPU v5", ACCELERATORS[1].peak_flops),
+    ("TPU v5 lite", _PEAK["TPU v5e"]),  # jax's device_kind of a v5e chip
+    ("TPU v5p", _PEAK["TPU v5p"]),
+    ("TPU v5", _PEAK["TPU v5p"]),
 )
 
 
