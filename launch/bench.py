@@ -35,7 +35,9 @@ On a machine shared with other busy processes, torch's OpenMP pool with several 
 stall at every parallel region (measured here: a toy-UNet forward + backward 40 ms with 1 thread,
 ~10 s with 2 threads while a higher-priority job held the cores; jax's pool was unaffected). Use
 ``--threads 1`` (or OMP_WAIT_POLICY=PASSIVE, inherited by the workers) for figures that compare
-the frameworks rather than the schedulers.
+the frameworks rather than the schedulers. ``--repeats R`` runs each main-table cell R times,
+jax and torch alternating, and reports medians with each repeat's ratios: a host whose speed
+drifts moves a jax run and the torch run right after it alike.
 
 Whole request = teacher data build + ``--request-steps`` training steps, composed from the
 measured parts: warm (compiled programs reused, e.g. a later request in the same process:
@@ -567,6 +569,28 @@ def summarize(cell: Cell, request_steps: int) -> dict[str, Any]:
     return out
 
 
+# the paired ratios whose spread over repeats the notes print
+REPEAT_RATIOS = ("step_ratio", "request_ratio_warm", "gen_ratio")
+
+
+def combine_repeats(sums: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One cell's summary over R repeats (``--repeats``): each float figure is its median over
+    the repeats, a ratio the median of the per-repeat ratios (each from one jax run and the
+    torch run right after it); the per-repeat ratios are kept as ``<ratio>s`` lists. Other
+    values (names, counts) are the first repeat's."""
+    out = dict(sums[0])
+    if len(sums) == 1:
+        return out
+    for k, v in sums[0].items():
+        if isinstance(v, float) and all(isinstance(s.get(k), float) for s in sums):
+            out[k] = float(np.median([s[k] for s in sums]))
+    out["repeats"] = len(sums)
+    for k in REPEAT_RATIOS:
+        if all(k in s for s in sums):
+            out[f"{k}s"] = [s[k] for s in sums]
+    return out
+
+
 def mfu_figures(cell: Cell) -> dict[str, Any]:
     """Model-FLOPs utilization of each framework's median step: model FLOPs per step / (step
     seconds × peak FLOP/s). The peak is ``--peak-tflops`` or the framework's device's published
@@ -661,6 +685,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-gen", action="store_true", help="skip the teacher data build (step figures only)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="CPU threads per framework (default: all; fewer pins each worker to that many cores)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each main-table cell R times, jax and torch alternating; figures are medians over "
+                         "the repeats (drift on a shared host moves both frameworks' runs alike)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bare", action="store_true", help="profile: also time a bare UNet fwd and fwd+bwd in both")
     ap.add_argument("--scaling", action="store_true", help="add a table over batch sizes and widths")
@@ -690,6 +717,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ap.error(f"--peak-tflops: must be > 0, got {args.peak_tflops}")
     if args.width <= 0:
         ap.error(f"--width: must be > 0, got {args.width}")
+    if args.repeats < 1:
+        ap.error(f"--repeats: must be >= 1, got {args.repeats}")
     return args
 
 
@@ -743,9 +772,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for m in methods:
                 cell = prepare_cell(m, model_name, model_dir, work, batch=args.batch, steps=args.steps,
                                     warmup=args.warmup, bare=args.bare, gen=not args.no_gen, **common)
-                run_cell(cell, work, args.timeout)
-                s = summarize(cell, args.request_steps)
-                report["results"].append({"summary": s, "jax": cell.jax, "torch": cell.torch})
+                runs = []
+                for _ in range(args.repeats):  # jax, torch, jax, torch, ...: neighbours in time are paired
+                    run_cell(cell, work, args.timeout)
+                    runs.append({"summary": summarize(cell, args.request_steps), "jax": cell.jax, "torch": cell.torch})
+                result = {"summary": combine_repeats([r["summary"] for r in runs]),
+                          "jax": runs[0]["jax"], "torch": runs[0]["torch"]}
+                if len(runs) > 1:
+                    result["repeats"] = runs
+                report["results"].append(result)
             sums = [r["summary"] for r in report["results"]]
             print("\n" + main_table(sums))
             print(_notes(sums, args))
@@ -785,6 +820,10 @@ def _notes(sums: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> str:
             f"(torch); jax compile {s['jax_compile_s']:.1f}s (step){gen}; trainable {s['jax_n_trainable']:,} / "
             f"{s['torch_n_trainable']:,}; loss@0 {s['loss0_jax']:.6g} / {s['loss0_torch']:.6g} "
             f"(max rel diff over all steps {s['loss_max_rel_diff']:.1e})")
+        if s.get("repeats", 1) > 1:
+            spread = "; ".join(f"{k.replace('_', ' ')} " + ", ".join(f"{x:.3f}" for x in s[f"{k}s"])
+                               for k in REPEAT_RATIOS if f"{k}s" in s)
+            lines.append(f"   medians over {s['repeats']} repeats (jax, torch alternating); per repeat: {spread}")
         phases = [(name, k) for name, k in (("load", "rss_after_load_mb"), ("gen", "rss_after_gen_mb"),
                                             ("step 0", "rss_after_step0_mb"), ("end", "peak_rss_mb"))
                   if f"jax_{k}" in s and f"torch_{k}" in s]

@@ -224,3 +224,42 @@ def test_conv_bench_prints_a_row_per_shape(capsys):
                                      ["2,", "4,", "4,", "1", "4x4"]]
     for r in rows:  # lax conv, patches: two positive times
         assert len(r) == 7 and all(float(x) > 0 for x in r[5:7])
+
+
+def test_combine_repeats_takes_medians_and_keeps_each_ratio():
+    base = {"method": "dfr", "model": "tiny", "batch": 2, "jax_n_trainable": 7}
+    sums = [base | {"step_ratio": r, "request_ratio_warm": r + 0.1, "jax_step_median_s": j}
+            for r, j in ((0.9, 0.3), (0.5, 0.1), (0.7, 0.2))]
+    s = bench.combine_repeats(sums)
+    assert s["step_ratio"] == pytest.approx(0.7) and s["request_ratio_warm"] == pytest.approx(0.8)
+    assert s["jax_step_median_s"] == pytest.approx(0.2)
+    assert s["step_ratios"] == [0.9, 0.5, 0.7] and s["repeats"] == 3
+    assert s["batch"] == 2 and s["jax_n_trainable"] == 7 and s["method"] == "dfr"
+    assert "gen_ratios" not in s  # no data build in these repeats
+    assert bench.combine_repeats(sums[:1]) == sums[0]  # one run: its own figures, nothing added
+
+
+def test_repeats_alternate_the_frameworks_and_report_medians(tiny, tmp_path, monkeypatch, capsys):
+    _, folder = tiny
+    calls, step = [], {"jax": iter((0.30, 0.10, 0.20)), "torch": iter((0.60, 0.20, 0.25))}
+
+    def fake_worker(framework, spec, work, timeout=None):  # the figures a worker returns, no subprocess
+        calls.append(framework)
+        med = next(step[framework])
+        return {"framework": framework, "step_median_s": med, "first_step_s": med + 1.0, "steps_per_s": 1 / med,
+                "losses": [0.5, 0.4], "peak_rss_mb": 100.0, "n_trainable": 3}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    out = tmp_path / "bench.json"
+    bench.main(["--model-dir", str(folder), "--method", "dfr", "--batch", "2", "--steps", "1", "--warmup", "1",
+                "--no-gen", "--threads", "1", "--repeats", "3", "--work-dir", str(tmp_path / "w"),
+                "--json", str(out)])
+    assert calls == ["jax", "torch"] * 3
+    (res,) = json.loads(out.read_text())["results"]
+    s = res["summary"]
+    assert s["step_ratios"] == pytest.approx([0.5, 0.5, 0.8]) and s["step_ratio"] == pytest.approx(0.5)
+    assert s["jax_step_median_s"] == pytest.approx(0.2) and len(res["repeats"]) == 3
+    assert "medians over 3 repeats" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        bench.parse_args(["--repeats", "0"])
+    assert err.value.code == 2
